@@ -1,0 +1,235 @@
+"""Checkpoints: one safetensors file holding everything a run needs to continue or be rebuilt.
+
+Tensors are grouped by key prefix - ``model.`` (weights), ``ema.`` (EMA weights), ``optim.`` (optimizer
+state), ``rng.`` (RNG states) - and a JSON document under the safetensors metadata key ``minilm`` holds the
+model config, the full run config, the step and anything else a caller adds. No pickle is involved, so
+loading a checkpoint can never execute code. Files are written atomically (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, from_dict, to_dict
+from .errors import CheckpointError
+from .fileio import atomic_replace, temp_path_beside
+
+FORMAT = "minilm-checkpoint"
+VERSION = 1
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickle, zip (torch.save)
+
+
+@dataclass
+class Checkpoint:
+    model_config: ModelConfig
+    model_state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    ema_state: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, Any] | None = None
+    rng_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with ``_orig_mod.`` (torch.compile) stripped and a tied ``lm_head``
+    dropped (it is the embedding; :func:`load_model_state` ties it back)."""
+    model = getattr(model, "_orig_mod", model)
+    sd = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+    model = getattr(model, "_orig_mod", model)
+    cfg = getattr(model, "config", None)
+    tied = cfg is not None and getattr(cfg, "tie_embeddings", False)
+    state = dict(state)
+    if tied:
+        state.pop("lm_head.weight", None)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if strict and (missing or result.unexpected_keys):
+        raise CheckpointError(
+            f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}; the checkpoint was made for another model config")
+
+
+def _optimizer_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, step: int = 0,
+                    config: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    ema_state: dict[str, torch.Tensor] | None = None, rng: bool = False,
+                    extra: dict[str, Any] | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint atomically. ``state`` overrides the weights taken from ``model``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    base = getattr(model, "_orig_mod", model)
+    weights = state if state is not None else model_state(base)
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in weights.items()}
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": int(step),
+                            "model_config": to_dict(base.config), "config": config or {},
+                            "extra": extra or {}}
+    if ema_state is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema_state.items()})
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer.state_dict())
+        tensors.update(opt_tensors)
+    if rng:
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors that share memory: give each its own storage
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[k] = v.clone()
+        seen.add(ptr)
+    tmp = temp_path_beside(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"minilm": json.dumps(meta)})
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        from .fileio import _io_error
+        raise _io_error(path, err) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_replace(tmp, path)
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's JSON metadata, without reading any tensor."""
+    from safetensors import safe_open
+
+    path = _check_file(Path(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("minilm")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is corrupt or truncated ({_short(err)}); delete it and rerun "
+                              "the stage that makes it") from None
+    if raw is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a minilm checkpoint (no 'minilm' "
+                              "metadata); point to a checkpoint written by minilm")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has corrupt metadata; delete it and rerun the stage that makes "
+                              "it") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a {meta.get('format')!r} file, not a minilm checkpoint")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`. Never unpickles anything."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_meta(path)
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}}
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            for key in f.keys():
+                prefix, _, rest = key.partition(".")
+                if prefix == "optim":
+                    groups["optim"][key] = f.get_tensor(key)
+                elif prefix in groups:
+                    groups[prefix][rest] = f.get_tensor(key)
+    except Exception as err:
+        raise CheckpointError(f"{path} is corrupt or truncated ({_short(err)}); delete it and rerun "
+                              "the stage that makes it") from None
+    model_config = from_dict(ModelConfig, meta["model_config"], "model_config", source=str(path))
+    optimizer_state = _optimizer_state(groups["optim"], meta["optimizer"]) if "optimizer" in meta else None
+    return Checkpoint(model_config=model_config, model_state=groups["model"], meta=meta,
+                      ema_state=groups["ema"] or None, optimizer_state=optimizer_state,
+                      rng_state=groups["rng"])
+
+
+def restore_rng(rng_state: dict[str, torch.Tensor]) -> None:
+    if "torch" in rng_state:
+        torch.set_rng_state(rng_state["torch"].cpu())
+    if torch.cuda.is_available():
+        for key, s in rng_state.items():
+            if key.startswith("cuda."):
+                i = int(key.split(".")[1])
+                if i < torch.cuda.device_count():
+                    torch.cuda.set_rng_state(s.cpu(), i)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, use_ema: bool = False):
+    """A :class:`~minilm.model.GPT` with the checkpoint's weights (EMA weights if asked and present),
+    in eval mode."""
+    from .model import GPT
+
+    ckpt = load_checkpoint(path)
+    model = GPT(ckpt.model_config)
+    state = ckpt.ema_state if (use_ema and ckpt.ema_state) else ckpt.model_state
+    load_model_state(model, state)
+    return model.to(device).eval(), ckpt
+
+
+def _check_file(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found; run the stage that writes it first "
+                              "(e.g. `dvc repro pretrain`) or fix the path")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; point to a checkpoint file (*.safetensors)")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is empty or truncated; delete it and rerun the stage that "
+                              "makes it")
+    if head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{path} is a pickle/torch.save file; minilm loads only safetensors "
+                              "checkpoints and never unpickles (it could run code)")
+    return path
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:160]

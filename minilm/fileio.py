@@ -1,0 +1,135 @@
+"""Crash-safe file writing and hashing.
+
+Every artifact minilm writes goes through :func:`atomic_write`: the bytes go to a temporary file in the
+same directory, are flushed and fsynced, then renamed over the target. A crash at any moment leaves
+either the old complete file or the new complete one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from .errors import MinilmError
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _io_error(path: Path, err: OSError) -> MinilmError:
+    if err.errno == errno.ENOSPC:
+        return MinilmError(f"no space left on device while writing {path}: free some disk space and "
+                           "run again (the previous file was left intact)")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return MinilmError(f"cannot write {path}: permission denied; make the directory writable or "
+                           "choose another output path (the previous file was left intact)")
+    return MinilmError(f"cannot write {path}: {err.strerror or err}; the previous file was left intact")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched. OS errors (full disk,
+    read-only directory) become a one-line :class:`MinilmError`.
+    """
+    path = Path(path)
+    if "b" not in mode and encoding is None:
+        encoding = "utf-8"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _io_error(path, err) from None
+    tmp_path = Path(tmp)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        raise _io_error(path, err) from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_replace(tmp_path: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync a finished temporary file and rename it over ``path`` (for writers that need a file name)."""
+    tmp_path, path = Path(tmp_path), Path(path)
+    try:
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        raise _io_error(path, err) from None
+
+
+def temp_path_beside(path: str | os.PathLike) -> Path:
+    """A fresh, unused temporary file name in ``path``'s directory (the caller writes it, then calls
+    :func:`atomic_replace`)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _io_error(path, err) from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_join(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
+    """``root / relative``, refusing any result that escapes ``root`` (``..``, absolute paths, links)."""
+    root_r = Path(root).resolve()
+    target = (root_r / relative).resolve()
+    if target != root_r and root_r not in target.parents:
+        raise MinilmError(f"path {str(relative)!r} escapes its output directory {root}; use a path "
+                          "inside it")
+    return target
