@@ -220,14 +220,17 @@ def _check_file(path: Path) -> Path:
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; point to a checkpoint file (*.safetensors)")
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if len(head) < 8:
+        head = fh.read(9)
+    if len(head) < 9:
         raise CheckpointError(f"{path} is empty or truncated; delete it and rerun the stage that "
                               "makes it")
+    if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        return path
     if head.startswith(_PICKLE_MAGIC):
         raise CheckpointError(f"{path} is a pickle/torch.save file; minilm loads only safetensors "
                               "checkpoints and never unpickles (it could run code)")
-    return path
+    raise CheckpointError(f"{path} is not a safetensors checkpoint (unknown format); point to a file "
+                          "written by minilm")
 
 
 def _short(err: Exception) -> str:

@@ -1,0 +1,52 @@
+"""Device and mixed-precision selection: one config value picks bf16 / fp16 / fp32."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            flags = open("/proc/cpuinfo").read()
+            return "avx512_bf16" in flags or "amx_bf16" in flags
+    except Exception:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where the hardware does bf16 natively, fp16 on CUDA without bf16, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16 or "
+                          "fp32 on CPU")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
