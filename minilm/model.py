@@ -198,8 +198,9 @@ class GPT(nn.Module):
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layer)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                nn.init.ones_(p) if name.endswith("norm.weight") or "layernorm" in name else nn.init.zeros_(p)
+            if p.dim() < 2:  # norm weights start at one, every bias at zero
+                is_norm_weight = name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2]
+                nn.init.ones_(p) if is_norm_weight else nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             else:
