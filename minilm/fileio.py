@@ -19,6 +19,23 @@ from typing import IO, Any, Iterator
 from .errors import MinilmError
 
 
+def _default_mode() -> int:
+    """rw for everyone the umask allows (mkstemp alone would make every artifact private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_mode()
+
+
+def _mkstemp_beside(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _FILE_MODE)
+    return fd, tmp
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -53,8 +70,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     if "b" not in mode and encoding is None:
         encoding = "utf-8"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _mkstemp_beside(path)
     except OSError as err:
         raise _io_error(path, err) from None
     tmp_path = Path(tmp)
@@ -94,8 +110,7 @@ def temp_path_beside(path: str | os.PathLike) -> Path:
     :func:`atomic_replace`)."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _mkstemp_beside(path)
     except OSError as err:
         raise _io_error(path, err) from None
     os.close(fd)

@@ -40,7 +40,6 @@ class EncodeConfig:
 class EvaluateConfig:
     batches: int = 40                  # fixed validation batches (seeded) for loss / perplexity
     batch_size: int = 16
-    checkpoint: Literal["best", "last"] = "best"
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -51,7 +50,6 @@ class EvaluateConfig:
 @dataclass
 class GenerateConfig(SampleConfig):
     prompts: list[str] = field(default_factory=lambda: ["The"])
-    checkpoint: Literal["best", "last"] = "best"
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -66,7 +64,7 @@ def _sections() -> dict[str, type]:
 
     return {
         "project": ProjectConfig,
-        "tracking": TrackingConfig,
+        "mlflow": TrackingConfig,
         "data": DataConfig,
         "tokenizer": TokenizerConfig,
         "encode": EncodeConfig,
@@ -80,7 +78,7 @@ def _sections() -> dict[str, type]:
 @dataclass
 class Params:
     project: ProjectConfig
-    tracking: Any
+    mlflow: Any
     data: Any
     tokenizer: TokenizerConfig
     encode: EncodeConfig

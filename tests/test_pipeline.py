@@ -1,0 +1,208 @@
+"""End to end: the real DVC pipeline in a temporary git repo, with a real MLflow sqlite store.
+
+One `dvc repro` of a tiny params file runs every stage; the tests then check the outputs, the metrics,
+the MLflow runs (names, params, metrics, lineage, grouping), that a second repro does nothing, and that
+a generate-only param change reruns only `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["prepare", "tokenizer", "encode", "pretrain", "evaluate", "generate"]
+
+TINY = {
+    "project": {"progress": False},
+    "data": {"corpus_max_mb": 0.15},
+    "tokenizer": {"vocab_size": 384},
+    "model": {"context_length": 64, "n_layer": 2, "n_head": 2, "d_model": 64},
+    "pretrain": {"max_steps": 30, "batch_size": 8, "warmup_steps": 5, "eval_every": 15,
+                 "eval_batches": 2, "log_every": 5},
+    "evaluate": {"batches": 4, "batch_size": 8},
+    "generate": {"prompts": ["The function", "A list"], "min_new_tokens": 5, "max_new_tokens": 12},
+}
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    e.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", GIT_AUTHOR_NAME="t",
+             GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
+             PYTHONPATH="")
+    return e
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in over.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def make_repo(path: Path, overrides: dict) -> Path:
+    """A fresh git repo holding the project's pipeline code and a tiny params.yaml."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("minilm", "stages"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, path / name)
+    shutil.copytree(ROOT / ".dvc", path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(path, "git", "init", "-q", "-b", "main")
+    sh(path, "git", "add", "-A")
+    sh(path, "git", "commit", "-qm", "init")
+    return path
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    path = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", TINY)
+    proc = sh(path, "dvc", "repro")
+    (path / "repro.log").write_text(proc.stdout + proc.stderr)
+    return path
+
+
+def mlflow_runs(repo: Path) -> list:
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("minilm")
+    return client, client.search_runs([exp.experiment_id], max_results=200)
+
+
+def test_repro_writes_every_output(repo):
+    for rel in ["data/corpus.txt", "data/sft_train.jsonl", "data/sft_val.jsonl",
+                "out/tokenizer/tokenizer.model", "out/encoded/train.bin", "out/encoded/val.bin",
+                "out/pretrain/best.safetensors", "out/pretrain/last.safetensors",
+                "out/pretrain/history.csv", "out/pretrain/loss.png", "out/evaluate/metrics.json",
+                "out/generate/samples.md", "out/generate/samples.jsonl"]:
+        assert (repo / rel).is_file() and (repo / rel).stat().st_size > 0, rel
+    assert (repo / "out/pretrain/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [json.loads(line) for line in (repo / "out/generate/samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == TINY["generate"]["prompts"]
+    assert all(s["completion"] for s in samples)
+
+
+def test_metrics_are_sane_and_shown_by_dvc(repo):
+    m = json.loads((repo / "out/evaluate/metrics.json").read_text())
+    import math
+    assert 0 < m["base_val_text_loss"] < math.log(384)           # better than uniform over the vocab
+    assert m["base_val_text_perplexity"] == pytest.approx(math.exp(m["base_val_text_loss"]), rel=1e-6)
+    assert 0 < m["base_val_text_bits_per_byte"] < 8
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
+    assert "base_val_text_loss" in json.dumps(shown)
+    pre = json.loads((repo / "out/pretrain/metrics.json").read_text())
+    assert pre["steps"] == 30 and pre["best_val_loss"] < math.log(384)
+
+
+def test_every_stage_is_an_mlflow_run_with_params_metrics_and_lineage(repo):
+    client, runs = mlflow_runs(repo)
+    by_name = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    for stage in STAGES:
+        assert len(by_name.get(stage, [])) == 1, (stage, list(by_name))
+        run = by_name[stage][0]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["dvc.stage"] == stage
+        assert run.data.tags.get("mlflow.source.git.commit")
+    pre = by_name["pretrain"][0]
+    assert pre.data.params["model.d_model"] == "64" and pre.data.params["pretrain.max_steps"] == "30"
+    history = client.get_metric_history(pre.info.run_id, "train_loss")
+    assert [h.step for h in history] == [5, 10, 15, 20, 25, 30]
+    # lineage: generate -> pretrain -> encode/tokenizer -> prepare
+    gen = by_name["generate"][0].data.tags
+    assert gen["lineage.base_model.run_id"] == pre.info.run_id
+    assert pre.data.tags["lineage.tokenizer.run_id"] == by_name["tokenizer"][0].info.run_id
+    tok = by_name["tokenizer"][0].data.tags
+    assert tok["lineage.corpus.run_id"] == by_name["prepare"][0].info.run_id
+    from minilm.fileio import sha256_file
+    assert tok["lineage.corpus.sha256"] == sha256_file(repo / "data/corpus.txt")
+    # one repro = one parent run
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.info.run_name in STAGES}
+    assert len(parents) == 1 and None not in parents
+
+
+def test_second_repro_does_nothing(repo):
+    proc = sh(repo, "dvc", "repro")
+    out = proc.stdout + proc.stderr
+    assert "Running stage" not in out
+    assert "up to date" in out.lower()
+
+
+def test_generate_only_param_reruns_only_generate(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["generate"]["temperature"] = 0.9
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+    assert set(status) == {"generate"}, status
+    proc = sh(repo, "dvc", "repro")
+    ran = [line for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'generate':"], proc.stdout
+
+
+def test_dvc_plots_render_offline(repo):
+    out = repo / "plots_out"
+    sh(repo, "dvc", "plots", "show", "-o", str(out))
+    assert (out / "index.html").exists()
+    static = list(out.rglob("*.png"))
+    assert static, "the PNG loss curve must be part of the plots output"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_help(stage):
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--params" in proc.stdout
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"model": {"n_haed": 4}}, "unknown key model.n_haed (did you mean 'n_head'?)"),
+    ({"pretrain": {"lr": "fast"}}, "pretrain.lr must be a number, got 'fast'"),
+    ({"model": {"d_model": 100, "n_head": 3}}, "must be divisible by n_head"),
+    ({"modle": {}}, "unknown section 'modle' (did you mean 'model'?)"),
+])
+def test_bad_params_stop_a_stage_with_one_line(tmp_path, edit, expected):
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), edit)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "-m", "stages.pretrain", "--params", str(path)], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_params_keys_named_in_dvc_yaml_exist():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        for key in stage.get("params", []):
+            keys = [key] if isinstance(key, str) else list(key)
+            for k in keys:
+                node = params
+                for part in k.split("."):
+                    assert isinstance(node, dict) and part in node, f"{name}: {k}"
+                    node = node[part]
+    from minilm.params import load_params
+    load_params(ROOT / "params.yaml")     # the shipped file validates
