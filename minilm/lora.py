@@ -464,11 +464,12 @@ def _check_safetensors(path: Path, fix: str) -> None:
         raise CheckpointError(f"adapter file {path} not found; {fix}")
     with open(path, "rb") as fh:
         head = fh.read(9)
+    if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        return
     if head.startswith(_PICKLE_MAGIC):
         raise CheckpointError(f"{path} is a pickle/torch.save file; minilm loads only safetensors adapters "
                               "and never unpickles (it could run code)")
-    if len(head) < 9 or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is empty, truncated or not a safetensors file; {fix}")
+    raise CheckpointError(f"{path} is empty, truncated or not a safetensors file; {fix}")
 
 
 def _check_peft_config(path: Path, cfg: LoRAConfig, fix: str) -> None:

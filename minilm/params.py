@@ -41,25 +41,34 @@ class EvaluateConfig:
     batches: int = 40                  # fixed validation batches (seeded) for loss / perplexity
     batch_size: int = 16
     seed: int = 0
+    sft_pairs: int = 0                 # held-out SFT pairs scored for response loss; 0 = all
 
     def problems(self) -> list[str]:
-        return [f"{k} must be > 0, got {getattr(self, k)}" for k in ("batches", "batch_size")
-                if getattr(self, k) <= 0]
+        p = [f"{k} must be > 0, got {getattr(self, k)}" for k in ("batches", "batch_size")
+             if getattr(self, k) <= 0]
+        if self.sft_pairs < 0:
+            p.append(f"sft_pairs must be >= 0 (0 = all), got {self.sft_pairs}")
+        return p
 
 
 @dataclass
 class GenerateConfig(SampleConfig):
     prompts: list[str] = field(default_factory=lambda: ["The"])
+    sft_questions: int = 8             # held-out SFT instructions answered by the fine-tuned model
 
     def problems(self) -> list[str]:
         p = super().problems()
         if not self.prompts:
             p.append("prompts must list at least one prompt")
+        if self.sft_questions < 0:
+            p.append(f"sft_questions must be >= 0, got {self.sft_questions}")
         return p
 
 
 def _sections() -> dict[str, type]:
     from .corpus import DataConfig
+    from .lora import LoRAConfig
+    from .sft import SFTConfig
     from .tracking import TrackingConfig
 
     return {
@@ -70,6 +79,8 @@ def _sections() -> dict[str, type]:
         "encode": EncodeConfig,
         "model": ModelConfig,
         "pretrain": TrainConfig,
+        "lora": LoRAConfig,
+        "sft": SFTConfig,
         "evaluate": EvaluateConfig,
         "generate": GenerateConfig,
     }
@@ -84,6 +95,8 @@ class Params:
     encode: EncodeConfig
     model: ModelConfig
     pretrain: TrainConfig
+    lora: Any
+    sft: Any
     evaluate: EvaluateConfig
     generate: GenerateConfig
     raw: dict[str, Any]
@@ -111,6 +124,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             built[name] = build(cls, raw.get(name), name, source=str(path))
         except ConfigError as err:
             problems.append(str(err).split(": ", 1)[1])
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    ctx = built["model"].context_length
+    if built["sft"].max_length > ctx:
+        problems.append(f"sft.max_length ({built['sft'].max_length}) is longer than the model supports "
+                        f"(model.context_length = {ctx}); lower it or set 0 (= the context length)")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return Params(**built, raw=raw, path=path)

@@ -32,6 +32,10 @@ OUT = Path("out")
 TOKENIZER = OUT / "tokenizer"
 ENCODED = OUT / "encoded"
 PRETRAIN = OUT / "pretrain"
+SFT = OUT / "sft"
+ADAPTER = SFT / "adapter"
+MERGE = OUT / "merge"
+MERGED = MERGE / "model.safetensors"
 EVALUATE = OUT / "evaluate"
 GENERATE = OUT / "generate"
 
@@ -144,3 +148,28 @@ def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[key] = float(v)
     return out
+
+
+def resumable(out_dir: Path, run_config: dict, max_steps: int) -> tuple[bool, str | None]:
+    """Whether ``out_dir/last.safetensors`` is an unfinished run with the same params and code, and
+    the MLflow run id it was logging to (so the resumed stage continues that run).
+
+    A finished ``last`` is not resumed: DVC reruns a stage only when something it depends on changed
+    (or when forced), so that is a fresh run."""
+    from minilm.checkpoint import read_meta
+
+    last = out_dir / "last.safetensors"
+    if not last.exists():
+        return False, None
+    meta = read_meta(last)
+    if meta.get("config") != json.loads(json.dumps(run_config)) or meta["step"] >= max_steps:
+        return False, None
+    return True, meta.get("extra", {}).get("mlflow_run_id")
+
+
+def write_curves(history: list[dict[str, Any]], out_dir: Path, title: str) -> None:
+    """history.csv (DVC plots) and loss.png (a picture that opens offline) of a training run."""
+    from minilm.plots import plot_curves, write_table_csv
+
+    write_table_csv(history, out_dir / "history.csv")
+    plot_curves(history, out_dir / "loss.png", title=title)

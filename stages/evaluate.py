@@ -1,6 +1,12 @@
-"""evaluate: validation loss, perplexity and bits per byte of the base model on held-out text
-(a fixed, seeded set of windows from out/encoded/val.bin). Writes out/evaluate/metrics.json and a
-table (results.csv) that is also logged to MLflow."""
+"""evaluate: how good are the models on held-out data?
+
+- validation text (a fixed, seeded set of windows from out/encoded/val.bin): loss, perplexity and bits
+  per byte of the base model and of the SFT (merged) model;
+- held-out SFT pairs (data/sft_val.jsonl, rendered with `sft.template`): loss and perplexity on the
+  response tokens (+EOS) only, for the base model zero-shot and for the SFT model.
+
+Writes out/evaluate/metrics.json (DVC metrics) and results.csv (the same table, logged to MLflow).
+"""
 
 from __future__ import annotations
 
@@ -8,36 +14,52 @@ import pandas as pd
 
 from minilm.checkpoint import load_model
 from minilm.cli import run_main
+from minilm.corpus import read_pairs
 from minilm.data import LMBatches, load_tokens, read_meta
 from minilm.evaluation import lm_metrics, split_bytes_per_token
 from minilm.fileio import write_json, write_text
 from minilm.precision import resolve_device
+from minilm.sft import encode_pairs, response_loss
+from minilm.tokenizer import load_tokenizer
 from minilm.train import evaluate_loss
 
-from .common import ENCODED, EVALUATE, PRETRAIN, setup, stage_run
+from .common import ENCODED, EVALUATE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
 
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("evaluate", __doc__, argv)
     cfg = params.evaluate
-    ckpt_path = PRETRAIN / "best.safetensors"
     device = resolve_device(params.project.device)
-    with stage_run("evaluate", params, ["evaluate", "project"], out_dir=EVALUATE,
-                   inputs={"base_model": ckpt_path, "encoded": ENCODED / "meta.json"}) as run:
-        model, ckpt = load_model(ckpt_path, device)
+    base_path = PRETRAIN / "best.safetensors"
+    with stage_run("evaluate", params, ["evaluate", "project", "sft"], out_dir=EVALUATE,
+                   inputs={"base_model": base_path, "sft_model": MERGED, "encoded": ENCODED / "meta.json",
+                           "sft_val": SFT_VAL}) as run:
+        tok = load_tokenizer(tokenizer_path())
         meta = read_meta(ENCODED)
-        T = ckpt.model_config.context_length
-        batches = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed
-                            ).eval_batches(cfg.batches, seed=cfg.seed)
         tokens, n_bytes = split_bytes_per_token(meta)
-        base = lm_metrics(evaluate_loss(model, batches, device=device), tokens=tokens, n_bytes=n_bytes)
-        rows = [{"model": "base", "data": "val_text", **base, "step": ckpt.step}]
+        pairs = read_pairs(SFT_VAL)
+        if cfg.sft_pairs:
+            pairs = pairs.iloc[: cfg.sft_pairs]
+        rows = []
+        for name, path in (("base", base_path), ("sft", MERGED)):
+            model, ckpt = load_model(path, device)
+            T = ckpt.model_config.context_length
+            windows = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed
+                                ).eval_batches(cfg.batches, seed=cfg.seed)
+            text = lm_metrics(evaluate_loss(model, windows, device=device), tokens=tokens, n_bytes=n_bytes)
+            rows.append({"model": name, "data": "val_text", **text})
+            examples = encode_pairs(pairs, tok, params.sft, T)
+            resp = lm_metrics(response_loss(model, examples, batch_size=cfg.batch_size, device=device))
+            rows.append({"model": name, "data": "sft_val_responses", **resp, "pairs": len(examples)})
         table = pd.DataFrame(rows)
         write_text(EVALUATE / "results.csv", table.to_csv(index=False))
-        metrics = {f"{r['model']}_{r['data']}_{k}": r[k] for r in rows
-                   for k in ("loss", "perplexity", "bits_per_byte") if k in r}
+        metrics: dict = {}
+        for r in rows:
+            metrics.setdefault(r["model"], {})[r["data"]] = {
+                k: r[k] for k in ("loss", "perplexity", "bits_per_byte") if k in r}
         write_json(EVALUATE / "metrics.json", metrics)
-        run.log_metrics(metrics, step=0)
+        run.log_metrics({f"{r['model']}.{r['data']}.{k}": r[k] for r in rows
+                         for k in ("loss", "perplexity", "bits_per_byte") if k in r}, step=0)
         run.log_artifact(EVALUATE / "results.csv")
         run.log_artifact(EVALUATE / "metrics.json")
     print(table.to_string(index=False))

@@ -1,41 +1,58 @@
-"""generate: sample completions for the prompts in params `generate` from the base model.
-Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
+"""generate: samples for the prompts in params `generate` from the base model, and answers of the SFT
+(merged) model to the first `generate.sft_questions` held-out instructions (rendered with
+`sft.template`). Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from minilm.checkpoint import load_model
 from minilm.cli import run_main
-from minilm.config import SampleConfig, to_dict
+from minilm.config import SampleConfig
+from minilm.corpus import read_pairs
 from minilm.fileio import write_text
 from minilm.precision import resolve_device
 from minilm.sampling import generate
 from minilm.tokenizer import load_tokenizer
 
-from .common import GENERATE, PRETRAIN, setup, stage_run, tokenizer_path
+from .common import GENERATE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
 
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("generate", __doc__, argv)
     cfg = params.generate
-    sample_cfg = SampleConfig(**{k: v for k, v in to_dict(cfg).items() if k in SampleConfig.__annotations__})
-    ckpt_path = PRETRAIN / "best.safetensors"
+    sampling = SampleConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SampleConfig)})
     device = resolve_device(params.project.device)
-    with stage_run("generate", params, ["generate", "project"], out_dir=GENERATE,
-                   inputs={"base_model": ckpt_path, "tokenizer": tokenizer_path()}) as run:
-        model, _ = load_model(ckpt_path, device)
+    base_path = PRETRAIN / "best.safetensors"
+    with stage_run("generate", params, ["generate", "project", "sft"], out_dir=GENERATE,
+                   inputs={"base_model": base_path, "sft_model": MERGED, "tokenizer": tokenizer_path(),
+                           "sft_val": SFT_VAL}) as run:
         tok = load_tokenizer(tokenizer_path())
-        outs = generate(model, tok, cfg.prompts, sample_cfg, device=device)
-        records = [{"model": "base", "prompt": p, "completion": c} for p, c in zip(cfg.prompts, outs)]
-        md = ["# Samples\n"] + [f"## {r['model']}: {r['prompt']!r}\n\n{r['prompt']}{r['completion']}\n"
-                                for r in records]
+        base, _ = load_model(base_path, device)
+        records = [{"model": "base", "prompt": p, "completion": c}
+                   for p, c in zip(cfg.prompts, generate(base, tok, cfg.prompts, sampling, device=device))]
+        if cfg.sft_questions:
+            pairs = read_pairs(SFT_VAL).iloc[: cfg.sft_questions]
+            prompts = [params.sft.prompt(q) for q in pairs["instruction"]]
+            # an answer ends at EOS (no minimum length); a model that starts another turn is cut there
+            marker = params.sft.template.split("{instruction}")[0].strip() or "###"
+            answer_cfg = dataclasses.replace(sampling, stop=[*sampling.stop, marker], min_new_tokens=0)
+            sft_model, _ = load_model(MERGED, device)
+            answers = generate(sft_model, tok, prompts, answer_cfg, device=device)
+            records += [{"model": "sft", "prompt": p, "completion": a.strip(), "reference": ref}
+                        for p, a, ref in zip(prompts, answers, pairs["response"])]
+        md = ["# Samples\n"]
+        for r in records:
+            md.append(f"## {r['model']}\n\n```\n{r['prompt']}{r['completion']}\n```\n")
+            if "reference" in r:
+                md.append(f"reference answer: {r['reference']}\n")
         write_text(GENERATE / "samples.md", "\n".join(md))
         write_text(GENERATE / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         run.log_artifact(GENERATE / "samples.md")
         run.log_artifact(GENERATE / "samples.jsonl")
-        run.log_metrics({"samples": len(records),
-                         "mean_completion_chars": sum(len(c) for c in outs) / max(len(outs), 1)}, 0)
+        run.log_metrics({"samples": len(records), "mean_completion_chars":
+                         sum(len(r["completion"]) for r in records) / max(len(records), 1)}, step=0)
     print("\n".join(md))
 
 

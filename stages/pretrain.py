@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from minilm.checkpoint import read_meta as read_ckpt_meta
 from minilm.cli import run_main
 from minilm.config import to_dict
 from minilm.data import LMBatches, load_tokens, read_meta
@@ -18,12 +17,12 @@ from minilm.errors import TrainingError
 from minilm.evaluation import lm_metrics, split_bytes_per_token
 from minilm.fileio import write_json
 from minilm.model import GPT
-from minilm.plots import plot_curves, write_table_csv
 from minilm.precision import resolve_device
 from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
-from .common import ENCODED, PRETRAIN, code_fingerprint, setup, stage_run, tokenizer_path
+from .common import (ENCODED, PRETRAIN, code_fingerprint, resumable, setup, stage_run, tokenizer_path,
+                     write_curves)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_batches = evals.eval_batches(cfg.eval_batches, seed=cfg.seed)
     run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(cfg), "tokenizer_sha256": tok.hash,
                   "data_sha256": meta.get("source_sha256"), "code_sha256": code_fingerprint()}
-    resume, resume_id = _resumable(run_config)
+    resume, resume_id = resumable(PRETRAIN, run_config, cfg.max_steps)
 
     device = resolve_device(params.project.device)
     import torch
@@ -56,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(model, data, cfg, out_dir=PRETRAIN, eval_batches=eval_batches, logger=run,
                        run_config=run_config, progress=params.project.progress, resume=resume,
                        checkpoint_extra={"mlflow_run_id": run.run_id, "tokenizer_sha256": tok.hash})
-        write_table_csv(result.history, PRETRAIN / "history.csv")
-        plot_curves(result.history, PRETRAIN / "loss.png", title="pretrain loss")
+        write_curves(result.history, PRETRAIN, "pretrain loss")
         tokens, n_bytes = split_bytes_per_token(meta)
         val = lm_metrics(result.best_val_loss, tokens=tokens, n_bytes=n_bytes)
         metrics = {"best_val_loss": val["loss"], "best_val_perplexity": val["perplexity"],
@@ -77,24 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrain: best val loss {val['loss']:.4f} (perplexity {val['perplexity']:.2f}, "
           f"{val.get('bits_per_byte', math.nan):.3f} bits/byte) in {result.seconds:.0f}s")
     return 0
-
-
-def _resumable(run_config: dict) -> tuple[bool, str | None]:
-    """Whether `last` is an unfinished run with the same params and code (and its MLflow run id).
-
-    A finished `last` is not resumed: DVC reruns this stage only when something it depends on
-    changed (or when forced), so that is a fresh run."""
-    import json
-
-    last = PRETRAIN / "last.safetensors"
-    if not last.exists():
-        return False, None
-    meta = read_ckpt_meta(last)
-    if meta.get("config") != json.loads(json.dumps(run_config)):
-        return False, None
-    if meta["step"] >= run_config["pretrain"]["max_steps"]:
-        return False, None
-    return True, meta.get("extra", {}).get("mlflow_run_id")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "tokenizer", "encode", "pretrain", "evaluate", "generate"]
+STAGES = ["prepare", "tokenizer", "encode", "pretrain", "sft", "merge", "evaluate", "generate"]
 
 TINY = {
     "project": {"progress": False},
@@ -27,8 +27,11 @@ TINY = {
     "model": {"context_length": 64, "n_layer": 2, "n_head": 2, "d_model": 64},
     "pretrain": {"max_steps": 30, "batch_size": 8, "warmup_steps": 5, "eval_every": 15,
                  "eval_batches": 2, "log_every": 5},
-    "evaluate": {"batches": 4, "batch_size": 8},
-    "generate": {"prompts": ["The function", "A list"], "min_new_tokens": 5, "max_new_tokens": 12},
+    "sft": {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
+            "log_every": 5},
+    "evaluate": {"batches": 4, "batch_size": 8, "sft_pairs": 40},
+    "generate": {"prompts": ["The function", "A list"], "min_new_tokens": 5, "max_new_tokens": 12,
+                 "sft_questions": 2},
 }
 
 
@@ -94,22 +97,33 @@ def test_repro_writes_every_output(repo):
                 "out/tokenizer/tokenizer.model", "out/encoded/train.bin", "out/encoded/val.bin",
                 "out/pretrain/best.safetensors", "out/pretrain/last.safetensors",
                 "out/pretrain/history.csv", "out/pretrain/loss.png", "out/evaluate/metrics.json",
+                "out/sft/adapter/adapter_model.safetensors", "out/sft/adapter/adapter_config.json",
+                "out/sft/loss.png", "out/merge/model.safetensors", "out/merge/metrics.json",
                 "out/generate/samples.md", "out/generate/samples.jsonl"]:
         assert (repo / rel).is_file() and (repo / rel).stat().st_size > 0, rel
     assert (repo / "out/pretrain/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(line) for line in (repo / "out/generate/samples.jsonl").read_text().splitlines()]
-    assert [s["prompt"] for s in samples] == TINY["generate"]["prompts"]
-    assert all(s["completion"] for s in samples)
+    base = [s for s in samples if s["model"] == "base"]
+    assert [s["prompt"] for s in base] == TINY["generate"]["prompts"]
+    assert all(s["completion"] for s in base)
+    answers = [s for s in samples if s["model"] == "sft"]
+    assert len(answers) == 2 and all(s["prompt"].startswith("### Instruction:\n") for s in answers)
+    assert all(s["prompt"].endswith("### Response:\n") for s in answers)
 
 
 def test_metrics_are_sane_and_shown_by_dvc(repo):
-    m = json.loads((repo / "out/evaluate/metrics.json").read_text())
     import math
-    assert 0 < m["base_val_text_loss"] < math.log(384)           # better than uniform over the vocab
-    assert m["base_val_text_perplexity"] == pytest.approx(math.exp(m["base_val_text_loss"]), rel=1e-6)
-    assert 0 < m["base_val_text_bits_per_byte"] < 8
-    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
-    assert "base_val_text_loss" in json.dumps(shown)
+    m = json.loads((repo / "out/evaluate/metrics.json").read_text())
+    text = m["base"]["val_text"]
+    assert 0 < text["loss"] < math.log(384)           # better than uniform over the vocab
+    assert text["perplexity"] == pytest.approx(math.exp(text["loss"]), rel=1e-6)
+    assert 0 < text["bits_per_byte"] < 8
+    # fine-tuning on the template lowers the held-out response loss
+    assert m["sft"]["sft_val_responses"]["loss"] < m["base"]["sft_val_responses"]["loss"]
+    merge = json.loads((repo / "out/merge/metrics.json").read_text())
+    assert merge["max_abs_logit_diff"] < 1e-3
+    shown = json.dumps(json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout))
+    assert "sft_val_responses" in shown and "max_abs_logit_diff" in shown
     pre = json.loads((repo / "out/pretrain/metrics.json").read_text())
     assert pre["steps"] == 30 and pre["best_val_loss"] < math.log(384)
 
@@ -127,6 +141,8 @@ def test_every_stage_is_an_mlflow_run_with_params_metrics_and_lineage(repo):
         assert run.data.tags.get("mlflow.source.git.commit")
     pre = by_name["pretrain"][0]
     assert pre.data.params["model.d_model"] == "64" and pre.data.params["pretrain.max_steps"] == "30"
+    assert by_name["sft"][0].data.params["lora.rank"] == "8"
+    assert by_name["sft"][0].data.tags["lineage.base_model.run_id"] == pre.info.run_id
     history = client.get_metric_history(pre.info.run_id, "train_loss")
     assert [h.step for h in history] == [5, 10, 15, 20, 25, 30]
     # lineage: generate -> pretrain -> encode/tokenizer -> prepare
@@ -158,6 +174,17 @@ def test_generate_only_param_reruns_only_generate(repo):
     proc = sh(repo, "dvc", "repro")
     ran = [line for line in proc.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'generate':"], proc.stdout
+
+
+def test_lora_param_reruns_only_the_fine_tuning_half(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["lora"]["rank"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+    assert set(status) == {"sft"}, status      # downstream stages follow once sft's outputs change
+    proc = sh(repo, "dvc", "repro")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["sft", "merge", "evaluate", "generate"], proc.stdout
 
 
 def test_dvc_plots_render_offline(repo):

@@ -1,0 +1,76 @@
+"""One full training step (forward, backward, clip, optimizer step) for each contender, as a closure.
+
+minilm's step is exactly what ``minilm.train.train`` does per step (``accumulate_gradients`` then
+``clip_grad_norm_`` then the fused AdamW of ``build_optimizer``). The transformers step is what a
+transformers user writes: the model's forward with ``use_cache=False`` (no KV cache built while training),
+the same loss function on the logits, the same clipping, and ``torch.optim.AdamW`` with its default
+implementation, which is what transformers' ``Trainer`` uses (``optim="adamw_torch"``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from minilm.config import TrainConfig
+from minilm.model import lm_loss
+from minilm.precision import autocast
+from minilm.train import accumulate_gradients, build_optimizer
+
+CPU = torch.device("cpu")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def minilm_step(model: nn.Module, batch: Batch, cfg: TrainConfig, precision: str,
+                forward: nn.Module | None = None) -> Callable[[], float]:
+    """A training step of a minilm model; ``forward`` is a compiled wrapper of ``model`` if any."""
+    opt = build_optimizer(model, cfg, CPU)
+    params = _trainable(model)
+    fwd = forward if forward is not None else model
+    x, y = batch
+    model.train()
+
+    def step() -> float:
+        loss = accumulate_gradients(fwd, [(x, y, {})], device=CPU, precision=precision)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def hf_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` (default implementation) with the same decay groups and hyperparameters."""
+    decay = [p for p in _trainable(model) if p.dim() >= 2]
+    no_decay = [p for p in _trainable(model) if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def hf_step(model: nn.Module, batch: Batch, cfg: TrainConfig, precision: str) -> Callable[[], float]:
+    """A training step of a transformers (or peft-wrapped) causal LM."""
+    opt = hf_optimizer(model, cfg)
+    params = _trainable(model)
+    x, y = batch
+    model.train()
+
+    def step() -> float:
+        with autocast(CPU, precision):
+            logits = model(input_ids=x, use_cache=False).logits
+        loss = lm_loss(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step

@@ -1,0 +1,117 @@
+"""Row 1: training throughput (tokens/s of forward + backward + AdamW) of minilm vs transformers'
+LlamaForCausalLM of the identical shape, same batch, same weights (exported with ``minilm.hf``).
+
+Per shape, one alternation holds every contender - minilm eager and compiled, transformers, in fp32 and
+under bf16 autocast - and a large GEMM of each dtype for row 2, so any two can be compared round by round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .harness import (NANOGPT, TEN_M, TINY_A, TINY_B, Context, Shape, alternate, build_model, line, median,
+                      median_ratio, missing, random_batch, train_config, train_flops_per_token)
+from .steps import hf_step, minilm_step
+
+PRECISIONS = ("fp32", "bf16")
+TARGET = 2.0
+
+
+def shapes(ctx: Context) -> list[Shape]:
+    return [TINY_A, TINY_B] if ctx.quick else [NANOGPT, TEN_M]
+
+
+def gemm(n: int, dtype: torch.dtype):
+    """An ``n x n @ n x n`` product into a preallocated output (2 n^3 FLOPs per call)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    return lambda: torch.mm(a, b, out=c)
+
+
+def contender(variant: str, precision: str) -> str:
+    return f"{variant} {precision}"
+
+
+def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
+    """Seconds per step of every contender at ``shape`` (memoised for the run: rows 1 and 2 share it)."""
+    key = ("training", shape.name)
+    if key in ctx.memo:
+        return ctx.memo[key]
+    batch, cfg = random_batch(shape), train_config()
+    hf_missing = missing("transformers")
+    fns, compile_s = {}, {}
+    gemm_n = 256 if ctx.quick else 2048
+    for precision in PRECISIONS:
+        fns[contender("minilm", precision)] = minilm_step(build_model(shape), batch, cfg, precision)
+        if ctx.compile:
+            model = build_model(shape)
+            fns[contender("minilm+compile", precision)] = minilm_step(model, batch, cfg, precision,
+                                                                     forward=torch.compile(model))
+        if hf_missing is None:
+            from minilm.hf import to_transformers
+            fns[contender("transformers", precision)] = hf_step(to_transformers(build_model(shape)), batch,
+                                                                cfg, precision)
+        fns[contender("gemm", precision)] = gemm(gemm_n, torch.bfloat16 if precision == "bf16" else torch.float32)
+    ctx.log(f"  training {shape.name}: {', '.join(fns)}")
+    times = alternate(fns, ctx)
+    for name, t in times.items():
+        if name.startswith("minilm+compile"):
+            compile_s[name] = t["first_call_s"]
+    model = build_model(shape)
+    result = {"shape": shape, "times": times, "tokens_per_step": shape.batch_size * shape.context_length,
+              "flops_per_token": train_flops_per_token(model), "gemm_n": gemm_n,
+              "gemm_flops": 2.0 * gemm_n ** 3, "compile_first_call_s": compile_s,
+              "transformers_missing": hf_missing}
+    ctx.memo[key] = result
+    return result
+
+
+def tokens_per_s(m: dict[str, Any], name: str) -> list[float]:
+    return [m["tokens_per_step"] / s for s in m["times"][name]["seconds"]]
+
+
+def best(m: dict[str, Any], variant: str) -> str | None:
+    """The fastest contender (by median) among ``variant``'s precisions (and compiled, for minilm)."""
+    names = [n for n in m["times"] if n.split(" ")[0] in
+             (("minilm", "minilm+compile") if variant == "minilm" else (variant,))]
+    return max(names, key=lambda n: median(tokens_per_s(m, n))) if names else None
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    lines, notes = [], []
+    for shape in shapes(ctx):
+        m = measure(ctx, shape)
+        tps = {n: tokens_per_s(m, n) for n in m["times"] if not n.startswith("gemm")}
+        hf_ok = m["transformers_missing"] is None
+        for name, values in tps.items():
+            variant, precision = name.split(" ")
+            if variant == "transformers":
+                continue
+            base = contender("transformers", precision)
+            lines.append(line(
+                f"{shape.name} {name}", "tokens/s", median(values),
+                baseline_name=f"transformers {precision}" if hf_ok else None,
+                baseline=median(tps[base]) if hf_ok else None,
+                ratio=median_ratio(values, tps[base]) if hf_ok else None,
+                step_ms=1000 * median(m["times"][name]["seconds"]), shape=shape.describe(),
+                first_call_s=m["times"][name]["first_call_s"]))
+        if hf_ok:
+            ours, theirs = best(m, "minilm"), best(m, "transformers")
+            ratio = median_ratio(tps[ours], tps[theirs])
+            lines.append(line(f"{shape.name} best vs best", "tokens/s", median(tps[ours]),
+                              baseline_name=theirs, baseline=median(tps[theirs]), ratio=ratio,
+                              target=f">= {TARGET:g}x", met=ratio >= TARGET, minilm_variant=ours))
+        else:
+            notes.append(f"transformers baseline skipped: {m['transformers_missing']}")
+    if not ctx.compile:
+        notes.append("torch.compile variants not run (--quick or --no-compile: compiling takes tens of "
+                     "seconds)")
+    notes.append("same weights on both sides (minilm.hf.to_transformers); transformers runs with "
+                 "use_cache=False and torch.optim.AdamW's default implementation (Trainer's adamw_torch); "
+                 "minilm runs its own train-loop step (fused AdamW). first_call_s of a compiled variant "
+                 "includes compilation.")
+    return {"lines": lines, "notes": notes}
