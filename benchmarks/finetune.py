@@ -19,6 +19,7 @@ import re
 import resource
 import subprocess
 import sys
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -60,9 +61,11 @@ def build(config: str, shape: Shape, precision: str) -> tuple[Callable[[], float
 
         from minilm.hf import to_transformers
         transformers.logging.set_verbosity_error()
-        peft_model = get_peft_model(to_transformers(model), LoraConfig(
-            r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(TARGETS), bias="none",
-            task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():   # peft calls an API transformers 5 deprecates
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(to_transformers(model), LoraConfig(
+                r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(TARGETS), bias="none",
+                task_type="CAUSAL_LM"))
         return hf_step(peft_model, batch, cfg, precision), _trainable(peft_model)
     raise ValueError(f"unknown configuration {config!r}")
 

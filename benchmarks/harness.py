@@ -176,13 +176,15 @@ def alternate(fns: dict[str, Callable[[], Any]], ctx: Context, *, repeats: int |
     return out
 
 
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
+def median(xs: list[float | None]) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    xs = [x for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else None
 
 
-def median_ratio(num: list[float], den: list[float]) -> float:
-    """Median over rounds of ``num[i] / den[i]``."""
-    return median([a / b for a, b in zip(num, den)])
+def median_ratio(num: list[float | None], den: list[float | None]) -> float | None:
+    """Median over rounds of ``num[i] / den[i]`` (rounds where either is None are left out)."""
+    return median([a / b for a, b in zip(num, den) if a is not None and b])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +222,16 @@ def machine_info() -> dict[str, Any]:
         except Exception:
             info[mod] = None
     info["minilm_auto_precision"] = resolve_precision("auto", torch.device("cpu"))
+    info["load_average"] = load_average()
     return info
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: above the core count, other work shared the CPU."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def train_config(**kw: Any) -> TrainConfig:

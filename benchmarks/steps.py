@@ -71,6 +71,6 @@ def hf_step(model: nn.Module, batch: Batch, cfg: TrainConfig, precision: str) ->
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step

@@ -233,3 +233,11 @@ def test_params_keys_named_in_dvc_yaml_exist():
                     node = node[part]
     from minilm.params import load_params
     load_params(ROOT / "params.yaml")     # the shipped file validates
+
+
+def test_readme_documents_every_params_key():
+    readme = (ROOT / "README.md").read_text()
+    ref = readme[readme.index("## Params reference"):readme.index("## The library")]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    missing = [f"{s}.{k}" for s, keys in params.items() for k in keys if f"`{k}`" not in ref]
+    assert not missing, f"README's params reference lacks {missing}"
