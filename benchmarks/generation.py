@@ -92,7 +92,8 @@ def run(ctx: Context) -> dict[str, Any]:
                               baseline_total_s=median(full["transformers"]["seconds"]), **extra))
             lines.append(line(f"batch {B} time to first token", "ms", 1000 * t_first["minilm"],
                               baseline_name="transformers generate", baseline=1000 * t_first["transformers"],
-                              ratio=median_ratio(first["transformers"]["seconds"], first["minilm"]["seconds"]),
+                              ratio=median_ratio(first["transformers"]["seconds"],
+                                                 first["minilm"]["seconds"]),
                               **extra))
         else:
             lines.append(line(f"batch {B} KV cache", "decode tokens/s", median(decode["minilm"]),
@@ -101,7 +102,8 @@ def run(ctx: Context) -> dict[str, Any]:
         if B == 1:
             r = median_ratio(decode["minilm"], decode["minilm no cache"])
             lines.append(line(f"batch {B} KV cache vs no cache", "decode tokens/s", median(decode["minilm"]),
-                              baseline_name="minilm use_cache=False", baseline=median(decode["minilm no cache"]),
+                              baseline_name="minilm use_cache=False",
+                              baseline=median(decode["minilm no cache"]),
                               ratio=r, target=f">= {TARGET_CACHE:g}x",
                               met=None if r is None else r >= TARGET_CACHE, **extra))
     if hf_missing:

@@ -203,7 +203,8 @@ def line(case: str, metric: str, minilm: float | None, *, baseline_name: str | N
 
 
 def threads_info() -> dict[str, Any]:
-    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+    return {"torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "mkldnn": torch.backends.mkldnn.is_available()}
 

@@ -148,12 +148,13 @@ def run(ctx: Context) -> dict[str, Any]:
                           stages_run=ran[stage]))
     lines.append(line("dvc repro, all stages", "s", sum(walls.values()),
                       in_run_s=sum(inside.get(s, 0.0) for s in stages) if inside else None))
-    lines.append(line("no-op dvc repro", "s", median(noop), baseline_name="no-op dvc repro, one trivial stage",
-                      baseline=median(floor), ratio=median_ratio(floor, noop)))
+    lines.append(line("no-op dvc repro", "s", median(noop),
+                      baseline_name="no-op dvc repro, one trivial stage", baseline=median(floor),
+                      ratio=median_ratio(floor, noop)))
     lines.append(line("dvc status (nothing changed)", "s", status_s))
     notes = [f"{'tiny params of tests/test_pipeline.py (--quick)' if ctx.quick else 'default params.yaml'} "
              "in a temporary git repo; each stage timed as its own `dvc repro <stage>` in dvc.yaml order "
              "(stages_run shows what each call ran); in_run_s = the stage's MLflow run duration; overhead = "
-             "wall - in run (DVC, interpreter start-up, imports, run setup). Ratio of the no-op = DVC floor / "
-             "ours (1 = no overhead beyond DVC's own)."]
+             "wall - in run (DVC, interpreter start-up, imports, run setup). Ratio of the no-op = DVC "
+             "floor / ours (1 = no overhead beyond DVC's own)."]
     return {"lines": lines, "notes": notes}

@@ -53,15 +53,16 @@ def run(ctx: Context) -> dict[str, Any]:
         work = Path(tmp)
         train_ids, val_ids, vocab = split_tokens(path, work)
         mcfg = ModelConfig(vocab_size=vocab, context_length=64, n_layer=4, n_head=4, d_model=128, dropout=0.0)
-        tcfg = TrainConfig(max_steps=steps, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=min(100, steps // 3),
-                           schedule="cosine", beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+        tcfg = TrainConfig(max_steps=steps, batch_size=12, lr=1e-3, min_lr=1e-4,
+                           warmup_steps=min(100, steps // 3), schedule="cosine", beta2=0.99, weight_decay=0.1,
+                           grad_clip=1.0)
         data = LMBatches(train_ids, tcfg.batch_size, mcfg.context_length, seed=tcfg.seed)
         val = LMBatches(val_ids, tcfg.batch_size, mcfg.context_length, seed=tcfg.seed)
         torch.manual_seed(tcfg.seed)
         t0 = time.perf_counter()
         model = GPT(mcfg)
-        result = train(model, data, tcfg, out_dir=work / "run", eval_batches=val.eval_batches(tcfg.eval_batches),
-                       progress=False)
+        result = train(model, data, tcfg, out_dir=work / "run",
+                       eval_batches=val.eval_batches(tcfg.eval_batches), progress=False)
         wall = time.perf_counter() - t0
         precision = resolve_precision(tcfg.precision, torch.device("cpu"))
         final = evaluate_loss(model, val.eval_batches(8 if ctx.quick else FINAL_EVAL_BATCHES, seed=1),

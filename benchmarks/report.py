@@ -68,7 +68,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     md = ["# minilm benchmarks", "",
           f"Machine: {machine_line(results['machine'])}.", "",
-          f"Run: `{results['command']}` ({results['mode']} mode, {results['machine'].get('timestamp_utc')}).", "",
+          f"Run: `{results['command']}` ({results['mode']} mode, "
+          f"{results['machine'].get('timestamp_utc')}).", "",
           "Each contender runs in the same process as its baseline, alternated in rotated rounds; a ratio is "
           "the median over rounds of minilm's figure over the baseline's, oriented so that > 1x means "
           "minilm is better (faster, lighter, lower loss).", ""]

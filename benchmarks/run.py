@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="results JSON; the Markdown table goes beside it with a .md suffix "
                         "(default: benchmarks/results.json)")
     p.add_argument("--shakespeare", type=Path, default=None, metavar="PATH",
-                   help=f"tinyshakespeare.txt for row 5 (default: {quality.DEFAULT_PATH}; row skipped if absent)")
+                   help=f"tinyshakespeare.txt for row 5 (default: {quality.DEFAULT_PATH}; the row is skipped "
+                        "when it is absent)")
     p.add_argument("--no-compile", action="store_true", help="do not time minilm under torch.compile")
     return p
 

@@ -55,7 +55,8 @@ def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
             from minilm.hf import to_transformers
             fns[contender("transformers", precision)] = hf_step(to_transformers(build_model(shape)), batch,
                                                                 cfg, precision)
-        fns[contender("gemm", precision)] = gemm(gemm_n, torch.bfloat16 if precision == "bf16" else torch.float32)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        fns[contender("gemm", precision)] = gemm(gemm_n, dtype)
     ctx.log(f"  training {shape.name}: {', '.join(fns)}")
     times = alternate(fns, ctx)
     for name, t in times.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -50,10 +51,17 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _io_error(path: Path, err: OSError) -> MinilmError:
-    if err.errno == errno.ENOSPC:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return MinilmError(f"no space left on device while writing {path}: free some disk space and "
                            "run again (the previous file was left intact)")
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if err.errno == errno.EFBIG:
+        return MinilmError(f"cannot write {path}: file too large for this file system or the file-size "
+                           "limit (ulimit -f); raise the limit or write elsewhere (the previous file was "
+                           "left intact)")
+    if err.errno == errno.EROFS:
+        return MinilmError(f"cannot write {path}: the file system is read-only; make the directory "
+                           "writable or choose another output path (the previous file was left intact)")
+    if err.errno in (errno.EACCES, errno.EPERM):
         return MinilmError(f"cannot write {path}: permission denied; make the directory writable or "
                            "choose another output path (the previous file was left intact)")
     return MinilmError(f"cannot write {path}: {err.strerror or err}; the previous file was left intact")
@@ -115,6 +123,32 @@ def temp_path_beside(path: str | os.PathLike) -> Path:
         raise _io_error(path, err) from None
     os.close(fd)
     return Path(tmp)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a writer of ``path`` killed mid-write (SIGKILL, power loss) left beside
+    it; returns them. Call it only where no other process is writing ``path`` at the same time."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and prove a file can be made in it (a read-only or foreign
+    directory is caught before hours of work, not at the first checkpoint)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise _io_error(directory, err) from None
+    os.close(fd)
+    os.unlink(tmp)
+    return directory
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

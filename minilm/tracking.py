@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import TrackingError
+from .fileio import safe_join
 from .runinfo import run_info
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -238,7 +239,10 @@ def _experiment_id(client, name: str, uri: str) -> str:
     location = None
     db = _sqlite_path(uri)
     if db is not None:      # keep artifacts beside the database, not in whatever directory we run from
-        location = (db.parent / "mlartifacts" / re.sub(r"[^\w.\-]", "_", name)).as_uri()
+        folder = re.sub(r"[^\w.\-]", "_", name)
+        if not folder.strip("."):           # "." or ".." would point at (or above) mlartifacts/ itself
+            folder = folder.replace(".", "_")
+        location = safe_join(db.parent / "mlartifacts", folder).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException as err:

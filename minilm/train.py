@@ -29,6 +29,7 @@ from . import checkpoint as ckpt_io
 from .config import TrainConfig, to_dict
 from .ema import EMA
 from .errors import TrainingError
+from .fileio import check_writable, remove_stale_temps
 from .model import lm_loss
 from .precision import autocast, resolve_precision
 from .schedule import lr_at
@@ -158,8 +159,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     weights a checkpoint holds (default: the whole model; LoRA saves only the adapter) - they are loaded
     back with ``load_state_dict(strict=False)`` semantics restricted to those keys.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable(out_dir)   # a read-only directory fails now, not at the first checkpoint
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
@@ -167,6 +167,8 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     run_config = json.loads(json.dumps(run_config or {}))  # normalise (tuples -> lists)
     save_state = save_state or ckpt_io.model_state
     last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
+    for path in (last_path, best_path):     # what a run killed while saving left beside them
+        remove_stale_temps(path)
 
     model.train()
     optimizer = build_optimizer(model, cfg, device)
@@ -196,6 +198,11 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
         else:
             print(f"minilm: {last_path} was written with other params; starting afresh")
     resumed_from = step
+    if logger is not None:
+        # rows logged before the interruption but maybe never sent (a killed process loses its metric
+        # buffer); a resumable logger skips the steps it already holds
+        for row in history:
+            logger.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     fwd = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]

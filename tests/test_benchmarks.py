@@ -144,15 +144,14 @@ def test_training_steps_learn_the_same_on_both_sides():
 
     shape = harness.TINY_A
     batch, cfg = harness.random_batch(shape), harness.train_config()
-    ours, theirs = build_model(shape), None
-    theirs = to_transformers(build_model(shape))
+    ours, theirs = build_model(shape), to_transformers(build_model(shape))
     a, b = minilm_step(ours, batch, cfg, "fp32"), hf_step(theirs, batch, cfg, "fp32")
     losses = [(a(), b()) for _ in range(3)]
     for la, lb in losses:           # same weights, batch, loss and optimizer maths: the same trajectory
         assert la == pytest.approx(lb, rel=1e-4)
     assert losses[-1][0] < losses[0][0]
-    torch.testing.assert_close(theirs.model.layers[0].mlp.up_proj.weight, ours.model.layers[0].mlp.up_proj.weight,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(theirs.model.layers[0].mlp.up_proj.weight,
+                               ours.model.layers[0].mlp.up_proj.weight, rtol=1e-4, atol=1e-6)
 
 
 def test_render_shows_failures_and_skips():

@@ -241,3 +241,11 @@ def test_readme_documents_every_params_key():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     missing = [f"{s}.{k}" for s, keys in params.items() for k in keys if f"`{k}`" not in ref]
     assert not missing, f"README's params reference lacks {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = 'pip install torch==2.13.0 -e ".[test,bench]" && python -m pytest -q'
+    assert command in readme
+    assert command.replace("pip install ", "pip install -q ") in ci
