@@ -187,6 +187,22 @@ def test_lora_param_reruns_only_the_fine_tuning_half(repo):
     assert ran == ["sft", "merge", "evaluate", "generate"], proc.stdout
 
 
+def test_dvc_exp_run_and_show(repo):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "after repro")
+    proc = sh(repo, "dvc", "exp", "run", "-n", "hot", "-S", "generate.temperature=0.95")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["generate"], proc.stdout
+    shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout))
+    assert "hot" in shown and "0.95" in shown
+    client, runs = mlflow_runs(repo)
+    tagged = [r for r in runs if r.data.tags.get("dvc.exp_name") == "hot"]
+    assert sorted(r.info.run_name for r in tagged) == ["generate", "pipeline:exp-hot"]
+    gen = next(r for r in tagged if r.info.run_name == "generate")
+    parent = client.get_run(gen.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "pipeline:exp-hot"
+
+
 def test_dvc_plots_render_offline(repo):
     out = repo / "plots_out"
     sh(repo, "dvc", "plots", "show", "-o", str(out))
