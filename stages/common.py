@@ -104,15 +104,17 @@ def lineage_tags(inputs: dict[str, Path]) -> dict[str, str]:
 
 
 def _producer(path: Path) -> dict[str, Any] | None:
-    """run.json of the stage whose outputs hold ``path``."""
-    for candidate in ([path / "run.json"] if path.is_dir() else []) + [path.parent / "run.json"] + [
-            OUT / "prepare" / "run.json"] * (DATA in path.parents):
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
-                return None
-    return None
+    """run.json of the stage that wrote ``path``: data/ comes from prepare, out/<stage>/... from <stage>."""
+    if DATA in path.parents:
+        run_json = OUT / "prepare" / "run.json"
+    elif OUT in path.parents:
+        run_json = OUT / path.relative_to(OUT).parts[0] / "run.json"
+    else:
+        return None
+    try:
+        return json.loads(run_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 @contextlib.contextmanager
@@ -173,3 +175,12 @@ def write_curves(history: list[dict[str, Any]], out_dir: Path, title: str) -> No
 
     write_table_csv(history, out_dir / "history.csv")
     plot_curves(history, out_dir / "loss.png", title=title)
+
+
+def stop_if_interrupted(stage: str, result: Any) -> None:
+    """After SIGINT/SIGTERM the trainer saved `last` and returned early: end the stage as interrupted
+    (the MLflow run is marked KILLED, no outputs are written, DVC records nothing, exit code 130)."""
+    if result.interrupted:
+        print(f"{stage}: interrupted at step {result.step}; `last` saved - rerun the stage (or "
+              "`dvc repro`) to continue", flush=True)
+        raise KeyboardInterrupt

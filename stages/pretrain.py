@@ -21,11 +21,11 @@ from minilm.precision import resolve_device
 from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
-from .common import (ENCODED, PRETRAIN, code_fingerprint, resumable, setup, stage_run, tokenizer_path,
-                     write_curves)
+from .common import (ENCODED, PRETRAIN, code_fingerprint, resumable, setup, stage_run,
+                     stop_if_interrupted, tokenizer_path, write_curves)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     params = setup("pretrain", __doc__, argv)
     tok = load_tokenizer(tokenizer_path())
     meta = read_meta(ENCODED)
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(model, data, cfg, out_dir=PRETRAIN, eval_batches=eval_batches, logger=run,
                        run_config=run_config, progress=params.project.progress, resume=resume,
                        checkpoint_extra={"mlflow_run_id": run.run_id, "tokenizer_sha256": tok.hash})
+        stop_if_interrupted("pretrain", result)
         write_curves(result.history, PRETRAIN, "pretrain loss")
         tokens, n_bytes = split_bytes_per_token(meta)
         val = lm_metrics(result.best_val_loss, tokens=tokens, n_bytes=n_bytes)
@@ -69,12 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             run.log_artifact(PRETRAIN / name)
         if params.mlflow.log_checkpoints:
             run.log_checkpoint(PRETRAIN / "best.safetensors")
-        if result.interrupted:
-            print(f"pretrain: interrupted at step {result.step}; `last` saved - rerun to continue")
-            return 130
     print(f"pretrain: best val loss {val['loss']:.4f} (perplexity {val['perplexity']:.2f}, "
           f"{val.get('bits_per_byte', math.nan):.3f} bits/byte) in {result.seconds:.0f}s")
-    return 0
 
 
 if __name__ == "__main__":

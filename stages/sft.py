@@ -25,12 +25,12 @@ from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
 from .common import (ADAPTER, PRETRAIN, SFT, SFT_TRAIN, SFT_VAL, code_fingerprint, resumable, setup,
-                     stage_run, tokenizer_path, write_curves)
+                     stage_run, stop_if_interrupted, tokenizer_path, write_curves)
 
 BASE = PRETRAIN / "best.safetensors"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     params = setup("sft", __doc__, argv)
     cfg, lora_cfg = params.sft, params.lora
     tok = load_tokenizer(tokenizer_path())
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                        run_config=run_config, resume=resume, progress=params.project.progress,
                        save_state=lora_state, tokens_per_batch=data.tokens_per_batch,
                        checkpoint_extra={"mlflow_run_id": run.run_id, "base_sha256": base_sha})
-        if result.interrupted:
-            print(f"sft: interrupted at step {result.step}; `last` saved - rerun to continue")
-            return 130
+        stop_if_interrupted("sft", result)
         best = load_checkpoint(SFT / "best.safetensors")
         model.load_state_dict(best.model_state, strict=False)
         save_adapter(ADAPTER, model, lora_cfg, base_sha256=base_sha, base_config=to_dict(base.model_config),
@@ -85,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         run.log_artifact(ADAPTER, "adapter")
     print(f"sft: best held-out response loss {result.best_val_loss:.4f} in {result.seconds:.0f}s "
           f"-> {ADAPTER}")
-    return 0
 
 
 if __name__ == "__main__":
