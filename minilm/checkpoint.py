@@ -3,13 +3,16 @@
 Tensors are grouped by key prefix - ``model.`` (weights), ``ema.`` (EMA weights), ``optim.`` (optimizer
 state), ``rng.`` (RNG states) - and a JSON document under the safetensors metadata key ``minilm`` holds the
 model config, the full run config, the step and anything else a caller adds. No pickle is involved, so
-loading a checkpoint can never execute code. Files are written atomically (temp file, fsync, rename).
+loading a checkpoint can never execute code. Files are written atomically (temp file, fsync, rename); a
+SHA-256 of the tensors, stored in the metadata, catches damaged tensor data on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from torch import nn
 
 from .config import ModelConfig, from_dict, to_dict
 from .errors import CheckpointError
-from .fileio import atomic_replace, temp_path_beside
+from .fileio import _io_error, atomic_replace, temp_path_beside
 
 FORMAT = "minilm-checkpoint"
 VERSION = 1
@@ -58,7 +61,13 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, strict
     state = dict(state)
     if tied:
         state.pop("lm_head.weight", None)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:     # shape mismatches raise even with strict=False
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
+                      _short(err))
+        raise CheckpointError(f"checkpoint weights do not fit the model ({detail[:240]}); the checkpoint "
+                              "was made for another model config, or its stored config was edited") from None
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if strict and (missing or result.unexpected_keys):
         raise CheckpointError(
@@ -127,18 +136,40 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, step: int = 0,
         if ptr in seen:
             tensors[k] = v.clone()
         seen.add(ptr)
+    meta["tensors_sha256"] = tensors_digest(tensors)
     tmp = temp_path_beside(path)
     try:
         save_file(tensors, str(tmp), metadata={"minilm": json.dumps(meta)})
-    except OSError as err:
+    except Exception as err:  # safetensors reports a full disk as its own error type, not OSError
         tmp.unlink(missing_ok=True)
-        from .fileio import _io_error
-        raise _io_error(path, err) from None
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        raise _io_error(path, cause) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     atomic_replace(tmp, path)
     return path
+
+
+def _os_error(err: Exception) -> OSError | None:
+    """The OS error behind a failed write (safetensors wraps it: "I/O error: ... (os error 28)")."""
+    if isinstance(err, OSError):
+        return err
+    code = re.search(r"os error (\d+)", str(err))
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else None
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (stored in every checkpoint, so
+    damaged tensor data is caught on load, not trained on)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -161,7 +192,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} has corrupt metadata; delete it and rerun the stage that makes "
                               "it") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a {meta.get('format')!r} file, not a minilm checkpoint")
+        raise CheckpointError(f"{path} is a {meta.get('format')!r} file, not a minilm model checkpoint; "
+                              "point to a checkpoint written by minilm's training (e.g. its best.safetensors)")
     return meta
 
 
@@ -183,11 +215,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as err:
         raise CheckpointError(f"{path} is corrupt or truncated ({_short(err)}); delete it and rerun "
                               "the stage that makes it") from None
+    expected = meta.get("tensors_sha256")
+    if expected is not None:
+        found = {**{f"{p}.{k}": v for p in ("model", "ema", "rng") for k, v in groups[p].items()},
+                 **groups["optim"]}
+        if tensors_digest(found) != expected:
+            raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum stored in it "
+                                  "(damaged on disk or in transfer); delete it and rerun the stage that "
+                                  "makes it")
     model_config = from_dict(ModelConfig, meta["model_config"], "model_config", source=str(path))
     optimizer_state = _optimizer_state(groups["optim"], meta["optimizer"]) if "optimizer" in meta else None
     return Checkpoint(model_config=model_config, model_state=groups["model"], meta=meta,
                       ema_state=groups["ema"] or None, optimizer_state=optimizer_state,
                       rng_state=groups["rng"])
+
+
+def check_compatible(ckpt: Checkpoint, path: str | os.PathLike, model_config: ModelConfig | None = None,
+                     *, tokenizer_hash: str | None = None) -> None:
+    """Refuse a checkpoint trained with another tokenizer or another model config than the caller's.
+
+    ``tokenizer_hash`` is the sha256 of the tokenizer file in use, compared with the ``tokenizer_sha256``
+    the training run recorded (checkpoints that recorded none pass); ``model_config`` is what params
+    describe, with ``vocab_size`` from that tokenizer. Raises a one-line :class:`CheckpointError`.
+    """
+    fix = "rerun the stage that trains it (e.g. `dvc repro pretrain`) or restore the params it was trained with"
+    recorded = ckpt.meta.get("extra", {}).get("tokenizer_sha256")
+    if tokenizer_hash is not None and recorded and recorded != tokenizer_hash:
+        raise CheckpointError(f"{path} was trained with another tokenizer (sha256 {recorded[:12]}, the "
+                              f"tokenizer now is {tokenizer_hash[:12]}); {fix}")
+    if model_config is not None:
+        have, want = to_dict(ckpt.model_config), to_dict(model_config)
+        diff = [k for k in want if have.get(k) != want[k]]
+        if diff:
+            said = {k: "the tokenizer has" if k == "vocab_size" else "params say" for k in diff}
+            shown = ", ".join(f"model.{k}={have.get(k)!r} ({said[k]} {want[k]!r})" for k in diff[:4])
+            raise CheckpointError(f"{path} was trained with {shown}; {fix}")
 
 
 def restore_rng(rng_state: dict[str, torch.Tensor]) -> None:

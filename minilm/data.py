@@ -25,7 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError
-from .fileio import atomic_replace, temp_path_beside, write_json
+from .fileio import _io_error, atomic_replace, remove_stale_temps, temp_path_beside, write_json
 from .tokenizer import Tokenizer
 
 FORMAT = "minilm-tokens"
@@ -64,6 +64,8 @@ def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: s
     if size == 0:
         raise DataError(f"corpus {path} is empty; add text to it")
     out_dir = Path(out_dir)
+    for name in ("train.bin", "val.bin", "meta.json"):     # left by an encode killed mid-write
+        remove_stale_temps(out_dir / name)
     dtype = token_dtype(tokenizer.vocab_size)
 
     with open(path, "rb") as fh:
@@ -80,8 +82,11 @@ def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: s
                       disable=None if progress else True) as bar:
                 encoder.bar = bar
                 for name, (start, end) in zip(SPLITS, ((0, split), (split, size))):
-                    with open(temps[name], "wb") as out:
-                        tokens[name] = encoder.encode(start, end, out)
+                    try:
+                        with open(temps[name], "wb") as out:
+                            tokens[name] = encoder.encode(start, end, out)
+                    except OSError as err:      # full disk, file-size limit: one line, old files kept
+                        raise _io_error(out_dir / f"{name}.bin", err) from None
             for name in SPLITS:
                 atomic_replace(temps[name], out_dir / f"{name}.bin")
         finally:
@@ -161,12 +166,14 @@ class _RangeEncoder:
         except UnicodeDecodeError as err:
             line = self.lines + chunk.count(b"\n", 0, err.start) + 1
             raise DataError(f"corpus {self.path} is not valid UTF-8 at byte {offset + err.start} (line "
-                            f"{line}); re-save it as UTF-8, or set invalid_utf8: replace to turn bad "
-                            "bytes into U+FFFD") from None
+                            f"{line}); re-save it as UTF-8, or set encode.invalid_utf8: replace to turn "
+                            "bad bytes into U+FFFD") from None
         self.lines += chunk.count(b"\n")
         ids = self.tokenizer.encode_batch(_lines(text))
         count = sum(map(len, ids))
-        np.fromiter(itertools.chain.from_iterable(ids), self.dtype, count).tofile(out)
+        # file.write, not ndarray.tofile: a full disk then raises with its errno (tofile reports only a
+        # short write)
+        out.write(np.fromiter(itertools.chain.from_iterable(ids), self.dtype, count).tobytes())
         return count
 
 
@@ -241,7 +248,9 @@ class LMBatches:
         if tokens.ndim != 1:
             raise DataError(f"token array must be 1-D, got shape {tokens.shape}")
         if len(tokens) < context_length + 1:
-            raise DataError(f"the token data has {len(tokens)} tokens but one training window needs "
+            source = getattr(tokens, "filename", None)      # a memmap knows its file
+            what = _relative(source) if source else "the token data"
+            raise DataError(f"{what} has {len(tokens)} tokens but one training window needs "
                             f"context_length + 1 = {context_length + 1}; add more text or lower "
                             "model.context_length")
         self.tokens = tokens
@@ -262,6 +271,14 @@ class LMBatches:
         starts = rng.integers(0, self.n_windows, size=self.batch_size)
         windows = torch.from_numpy(self._windows[starts].astype(np.int64))  # (B, T + 1)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the working directory when it is inside it (shorter messages)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _seed_words(*keys: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 Every artifact minilm writes goes through :func:`atomic_write`: the bytes go to a temporary file in the
 same directory, are flushed and fsynced, then renamed over the target. A crash at any moment leaves
-either the old complete file or the new complete one, never a torn one.
+either the old complete file or the new complete one, never a torn one. A writer killed mid-write leaves
+only a hidden ``.<name>.*.tmp`` beside the target, which :func:`remove_stale_temps` clears.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def _io_error(path: Path, err: OSError) -> MinilmError:
     if err.errno in (errno.EACCES, errno.EPERM):
         return MinilmError(f"cannot write {path}: permission denied; make the directory writable or "
                            "choose another output path (the previous file was left intact)")
+    if err.errno is None:       # a short write with no cause given
+        return MinilmError(f"cannot write {path}: only part of it was written ({err}); the disk may be "
+                           "full or a file-size limit reached - free space and run again (the previous "
+                           "file was left intact)")
     return MinilmError(f"cannot write {path}: {err.strerror or err}; the previous file was left intact")
 
 

@@ -8,7 +8,10 @@ evaluation, ``last``/``best`` checkpoints and exact resume from ``last``.
 Exact resume works because every input of a step is a function of the step number: batches come from
 ``data.batch(step, micro)`` (seeded by step), and the checkpoint holds the model, optimizer, EMA, gradient
 scaler, torch RNG state, history and best-so-far. A run continued from ``last`` produces the same weights
-as one that was never interrupted (bit-identical on CPU).
+as one that was never interrupted (bit-identical on CPU). On resume the history held by ``last`` is
+replayed to the logger (a resumed MLflow run skips the steps it already has), so metrics a killed process
+never sent are not lost. The output directory is checked writable before the first step, and temporary
+files a killed save left behind are removed.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from minilm.checkpoint import load_model
+from minilm.checkpoint import check_compatible, load_model
 from minilm.cli import run_main
 from minilm.corpus import read_pairs
 from minilm.data import LMBatches, load_tokens, read_meta
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for name, path in (("base", base_path), ("sft", MERGED)):
             model, ckpt = load_model(path, device)
+            check_compatible(ckpt, path, tokenizer_hash=tok.hash)
             T = ckpt.model_config.context_length
             windows = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed
                                 ).eval_batches(cfg.batches, seed=cfg.seed)

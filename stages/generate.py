@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from minilm.checkpoint import load_model
+from minilm.checkpoint import check_compatible, load_model
 from minilm.cli import run_main
 from minilm.config import SampleConfig
 from minilm.corpus import read_pairs
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
                    inputs={"base_model": base_path, "sft_model": MERGED, "tokenizer": tokenizer_path(),
                            "sft_val": SFT_VAL}) as run:
         tok = load_tokenizer(tokenizer_path())
-        base, _ = load_model(base_path, device)
+        base, base_ckpt = load_model(base_path, device)
+        check_compatible(base_ckpt, base_path, tokenizer_hash=tok.hash)
         records = [{"model": "base", "prompt": p, "completion": c}
                    for p, c in zip(cfg.prompts, generate(base, tok, cfg.prompts, sampling, device=device))]
         if cfg.sft_questions:
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
             # an answer ends at EOS (no minimum length); a model that starts another turn is cut there
             marker = params.sft.template.split("{instruction}")[0].strip() or "###"
             answer_cfg = dataclasses.replace(sampling, stop=[*sampling.stop, marker], min_new_tokens=0)
-            sft_model, _ = load_model(MERGED, device)
+            sft_model, sft_ckpt = load_model(MERGED, device)
+            check_compatible(sft_ckpt, MERGED, tokenizer_hash=tok.hash)
             answers = generate(sft_model, tok, prompts, answer_cfg, device=device)
             records += [{"model": "sft", "prompt": p, "completion": a.strip(), "reference": ref}
                         for p, a, ref in zip(prompts, answers, pairs["response"])]

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         merged = GPT(base.model_config)
         load_model_state(merged, merged_state)            # strict: a plain model, no LoRA keys
         save_checkpoint(MERGED, merged, step=base.step, extra={
+            "tokenizer_sha256": base.meta.get("extra", {}).get("tokenizer_sha256"),
             "merged_from": {"base_sha256": base_sha, "adapter_sha256":
                             sha256_file(ADAPTER / "adapter_model.safetensors")}})
 

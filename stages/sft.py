@@ -8,11 +8,12 @@ adapter checkpoints (resumed like pretrain), metrics.json, history.csv and loss.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from minilm.checkpoint import load_checkpoint, load_model_state
+from minilm.checkpoint import check_compatible, load_checkpoint, load_model_state
 from minilm.cli import run_main
 from minilm.config import to_dict
 from minilm.corpus import read_pairs
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, lora_cfg = params.sft, params.lora
     tok = load_tokenizer(tokenizer_path())
     base = load_checkpoint(BASE)
+    check_compatible(base, BASE, dataclasses.replace(params.model, vocab_size=tok.vocab_size),
+                     tokenizer_hash=tok.hash)
     base_sha = sha256_file(BASE)
     ctx = base.model_config.context_length
     train_set = encode_pairs(read_pairs(SFT_TRAIN), tok, cfg, ctx)

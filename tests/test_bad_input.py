@@ -1,0 +1,362 @@
+"""The bad-input table: each mistake, fed to the real stage command in a prepared repo, stops it with exit
+code 2 and ONE stderr line that names the problem and the fix (no traceback), and leaves every output
+already written (data/, out/) byte-for-byte as it was.
+
+Params, data, checkpoints and adapters, training numerics; plus the policies that let a run go on
+(invalid_utf8: replace, bad_records: skip, nonfinite: skip).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from test_faults import copy_repo, hashes, one_line_error, set_params, stage, write_corpus
+from test_pipeline import TINY, make_repo, merge, sh
+
+pytestmark = pytest.mark.slow
+
+BAD = merge(TINY, {
+    "data": {"corpus": "corpus_src.txt"},
+    "pretrain": {"max_steps": 10, "eval_every": 5, "save_every": 0, "threads": 1},
+    "sft": {"max_steps": 4, "eval_every": 2, "log_every": 2, "threads": 1},
+})
+BASE = "out/pretrain/best.safetensors"
+ADAPTER = "out/sft/adapter/adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory) -> Path:
+    """A repo where prepare, tokenizer, encode, pretrain and sft have run (tiny)."""
+    repo = make_repo(tmp_path_factory.mktemp("bad") / "done", BAD)
+    write_corpus(repo / "corpus_src.txt")
+    for name in ("prepare", "tokenizer", "encode", "pretrain", "sft"):
+        stage(repo, name)
+    return repo
+
+
+@pytest.fixture
+def repo(done, tmp_path) -> Path:
+    return copy_repo(done, tmp_path / "repo")
+
+
+# --------------------------------------------------------------------------------------------------
+# how a case breaks the repo
+
+
+def params(edit: dict) -> Callable[[Path], None]:
+    return lambda repo: set_params(repo, edit)
+
+
+def params_text(text: str) -> Callable[[Path], None]:
+    return lambda repo: (repo / "params.yaml").write_text(text)
+
+
+def file(rel: str, data: bytes | str, edit: dict | None = None) -> Callable[[Path], None]:
+    def setup(repo: Path) -> None:
+        path = repo / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        if edit:
+            set_params(repo, edit)
+    return setup
+
+
+def truncate(rel: str, keep: float) -> Callable[[Path], None]:
+    def setup(repo: Path) -> None:
+        data = (repo / rel).read_bytes()
+        (repo / rel).write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    return setup
+
+
+def flip(rel: str, offset: int) -> Callable[[Path], None]:
+    """Damage bytes at ``offset`` (negative: from the end, i.e. inside the tensor data)."""
+    def setup(repo: Path) -> None:
+        data = bytearray((repo / rel).read_bytes())
+        for i in range(offset, offset + 8):
+            data[i] ^= 0x5A
+        (repo / rel).write_bytes(bytes(data))
+    return setup
+
+
+def copy(src: str, dst: str) -> Callable[[Path], None]:
+    return lambda repo: shutil.copy(repo / src, repo / dst)
+
+
+def plain_safetensors(repo: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(4, 4)}, str(repo / BASE))
+
+
+def edited_config(repo: Path) -> None:
+    """A checkpoint whose stored model config no longer matches its weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(repo / BASE), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        meta = json.loads(f.metadata()["minilm"])
+    meta["model_config"]["d_model"] = 128
+    save_file(tensors, str(repo / BASE), metadata={"minilm": json.dumps(meta)})
+
+
+def adapter_for_another_shape(repo: Path) -> None:
+    """A valid adapter, recorded as made for this very base file, but for a model of another width."""
+    from minilm.config import ModelConfig
+    from minilm.fileio import sha256_file
+    from minilm.lora import LoRAConfig, inject_lora, save_adapter
+    from minilm.model import GPT
+
+    model = GPT(ModelConfig(vocab_size=384, context_length=64, n_layer=2, n_head=2, d_model=32))
+    cfg = LoRAConfig(rank=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    inject_lora(model, cfg)
+    for layer in model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B.weight)
+    save_adapter(repo / "out/sft/adapter", model, cfg, base_sha256=sha256_file(repo / BASE),
+                 base_config=model.config)
+
+
+def retrained_tokenizer(repo: Path) -> None:
+    set_params(repo, {"tokenizer": {"vocab_size": 400}})
+    stage(repo, "tokenizer")
+
+
+def invalid_utf8_file(rel: str, at: int) -> bytes:
+    text = ("All work and no play makes a dull model.\n" * 200).encode()
+    return text[:at] + b"\xff\xfe" + text[at:]
+
+
+def jsonl(*lines: str) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+GOOD = json.dumps({"instruction": "What is a list?", "response": "An ordered sequence."})
+GOOD2 = json.dumps({"instruction": "What is a dict?", "response": "A mapping of keys to values."})
+GOOD3 = json.dumps({"instruction": "What is a set?", "response": "An unordered collection."})
+
+
+@dataclass
+class Case:
+    stage: str
+    setup: Callable[[Path], None]
+    needles: tuple[str, ...]                 # in the one error line: the problem and the fix
+    args: tuple[str, ...] = ()
+    may_change: tuple[str, ...] = ()         # outputs the failing run may legitimately rewrite
+    marks: tuple = field(default_factory=tuple)
+    check: Callable[[Path, str], None] | None = None     # more to assert, given the repo and the line
+
+
+def assert_any(line: str, needles: tuple[str, ...]) -> None:
+    assert any(n in line for n in needles), line
+
+
+def kept_last_good(bad_steps: int) -> Callable[[Path, str], None]:
+    """`last` is the run's last finite step: just before the ``bad_steps`` non-finite ones that ended it."""
+    def check(repo: Path, line: str) -> None:
+        from minilm.checkpoint import load_checkpoint
+
+        stopped_at = int(re.search(r"step (\d+)", line).group(1))
+        last = load_checkpoint(repo / "out/pretrain/last.safetensors")
+        assert last.step == stopped_at - bad_steps >= 1, (last.step, line)
+        assert all(torch.isfinite(v).all() for v in last.model_state.values())
+    return check
+
+
+CASES = {
+    # ---- params.yaml
+    "unknown-section": Case("pretrain", params({"modle": {"n_layer": 2}}),
+                            ("unknown section 'modle' (did you mean 'model'?)", "valid sections:")),
+    "unknown-key": Case("sft", params({"lora": {"ranl": 8}}),
+                        ("unknown key lora.ranl (did you mean 'rank'?)", "valid keys:")),
+    "wrong-type": Case("pretrain", params({"pretrain": {"lr": "fast"}}),
+                       ("pretrain.lr must be a number, got 'fast'",)),
+    "wrong-type-bool": Case("pretrain", params({"project": {"progress": "yes"}}),
+                            ("project.progress must be true/false, got 'yes'",)),
+    "out-of-range": Case("sft", params({"lora": {"dropout": 1.5}}),
+                         ("lora.dropout must be in [0, 1), got 1.5",)),
+    "out-of-range-steps": Case("pretrain", params({"pretrain": {"max_steps": 0}}),
+                               ("pretrain.max_steps must be > 0, got 0",)),
+    "d_model-vs-n_head": Case("pretrain", params({"model": {"d_model": 100, "n_head": 3}}),
+                              ("d_model (100) must be divisible by n_head (3)",)),
+    "n_head-vs-n_kv_head": Case("pretrain", params({"model": {"n_head": 4, "n_kv_head": 3}}),
+                                ("n_kv_head (3) must divide n_head (4)",)),
+    "odd-head-dim": Case("pretrain", params({"model": {"d_model": 66, "n_head": 2}}),
+                         ("head_dim = d_model / n_head = 33 must be even", "change d_model or n_head")),
+    "context-longer-than-params-model": Case(
+        "sft", params({"sft": {"max_length": 128}}),
+        ("sft.max_length (128) is longer than the model supports", "lower it or set 0")),
+    "context-longer-than-base-checkpoint": Case(
+        "sft", params({"model": {"context_length": 128}, "sft": {"max_length": 128}}), ("128", "64"),
+        check=lambda repo, line: assert_any(line, (        # (the second once the sft stage checks the base)
+            "sft.max_length (128) exceeds the model's context_length (64); lower it or set 0",
+            "was trained with model.context_length=64 (params say 128)"))),
+    "lora-targets-match-nothing": Case("sft", params({"lora": {"targets": ["qkv_proj"]}}),
+                                       ("lora.targets ['qkv_proj'] match no linear layer",
+                                        "valid names: q_proj")),
+    "empty-params-file": Case("pretrain", params_text(""), ("params.yaml is empty",)),
+    "yaml-syntax-error": Case("pretrain", params_text("model:\n  n_layer: [2\n  d_model: 64\n"),
+                              ("YAML syntax error at line", "fix the file")),
+    "params-not-a-mapping": Case("pretrain", params_text("- model\n- pretrain\n"),
+                                 ("must be a mapping of sections",)),
+    "params-file-missing": Case("pretrain", lambda repo: None, ("params file nope.yaml not found",
+                                                                 "pass --params PATH"),
+                                args=("--params", "nope.yaml")),
+    # ---- data
+    "missing-corpus": Case("prepare", params({"data": {"corpus": "nope.txt"}}),
+                           ("corpus nope.txt not found", "set data.corpus to an existing")),
+    "empty-corpus": Case("prepare", file("empty.txt", "\n \n\n", {"data": {"corpus": "empty.txt"}}),
+                         ("corpus empty.txt holds no text", "point data.corpus at non-empty text")),
+    "corpus-too-small-for-context": Case(
+        "pretrain", params({"model": {"context_length": 8192}}),
+        ("out/encoded/val.bin has", "tokens but one training window needs context_length + 1 = 8193",
+         "add more text or lower model.context_length")),
+    "corpus-too-small-for-val-split": Case(
+        "encode", file("data/corpus.txt", "one line of text without a line break"),
+        ("too small for val_fraction=0.05", "add more lines of text or raise val_fraction")),
+    "invalid-utf8-corpus": Case(
+        "prepare", file("bad.txt", invalid_utf8_file("bad.txt", 1234), {"data": {"corpus": "bad.txt"}}),
+        ("bad.txt is not valid UTF-8 at byte 1234", "data.invalid_utf8: replace")),
+    "invalid-utf8-encode": Case(
+        "encode", file("data/corpus.txt", invalid_utf8_file("corpus", 4321)),
+        ("data/corpus.txt is not valid UTF-8 at byte 4321 (line 106)", "encode.invalid_utf8: replace")),
+    "sft-line-not-json": Case(
+        "prepare", file("pairs.jsonl", jsonl(GOOD, GOOD2, "{oops", GOOD3), {"data": {"sft": "pairs.jsonl"}}),
+        ("line 3 is not valid JSON", "set data.bad_records: skip")),
+    "sft-line-lacks-field": Case(
+        "prepare", file("pairs.jsonl", jsonl(GOOD, json.dumps({"instruction": "hi"}), GOOD2),
+                        {"data": {"sft": "pairs.jsonl"}}),
+        ("line 2 has no 'response' field", "data.instruction_field / data.response_field")),
+    "sft-file-missing": Case("prepare", params({"data": {"sft": "nope.jsonl"}}),
+                             ("SFT data nope.jsonl not found", "set data.sft to an existing")),
+    "vocab-too-big-for-corpus": Case("tokenizer", params({"tokenizer": {"vocab_size": 60000}}),
+                                     ("tokenizer.vocab_size 60000 is too high for this corpus",
+                                      "lower tokenizer.vocab_size")),
+    "vocab-too-small": Case("tokenizer", params({"tokenizer": {"vocab_size": 100}}),
+                            ("tokenizer.vocab_size 100 is too small", "raise tokenizer.vocab_size")),
+    # ---- checkpoints and adapters
+    "truncated-checkpoint": Case("sft", truncate(BASE, 0.5),
+                                 (f"{BASE} is corrupt or truncated", "rerun the stage that makes it")),
+    "checkpoint-cut-to-nothing": Case("sft", truncate(BASE, 5), (f"{BASE} is empty or truncated",
+                                                                 "rerun the stage that makes it")),
+    "corrupt-checkpoint-header": Case("sft", flip(BASE, 12),
+                                      (f"{BASE} is corrupt", "rerun the stage that makes it")),
+    "corrupt-checkpoint-data": Case("evaluate", flip(BASE, -4000),
+                                    (f"{BASE} is corrupt", "checksum", "rerun the stage that makes it")),
+    "checkpoint-of-another-format": Case("sft", copy("out/pretrain/loss.png", BASE),
+                                         ("not a safetensors checkpoint (unknown format)",
+                                          "point to a file written by minilm")),
+    "safetensors-but-not-minilm": Case("generate", plain_safetensors,
+                                       ("not a minilm checkpoint (no 'minilm' metadata)",
+                                        "point to a checkpoint written by minilm")),
+    "adapter-given-as-checkpoint": Case("sft", copy(ADAPTER, BASE),
+                                        ("'minilm-lora-adapter' file, not a minilm model checkpoint",
+                                         "point to a checkpoint written by minilm")),
+    "checkpoint-config-edited": Case("sft", edited_config,
+                                     ("checkpoint weights do not fit the model", "size mismatch",
+                                      "another model config")),
+    "truncated-adapter": Case("merge", truncate(ADAPTER, 0.6),
+                              ("adapter_model.safetensors is corrupt or truncated", "rerun the sft stage")),
+    "adapter-for-another-base": Case("merge", copy("out/pretrain/last.safetensors", BASE),
+                                     ("was trained on another base model", "rerun sft")),
+    "adapter-for-another-shape": Case("merge", adapter_for_another_shape,
+                                      ("the adapter was made for another base model",)),
+    "checkpoint-config-vs-params": Case(
+        "sft", params({"model": {"d_model": 32}}),
+        (f"{BASE} was trained with model.d_model=64", "params")),
+    "checkpoint-vs-retrained-tokenizer": Case(
+        "sft", retrained_tokenizer, ("tokenizer", f"{BASE}", "dvc repro")),
+    # ---- training numerics (lr 1000 blows the weights up within a few steps)
+    "non-finite-loss": Case(
+        "pretrain", params({"pretrain": {"lr": 1000.0, "warmup_steps": 0, "save_every": 1,
+                                         "eval_every": 100}}),
+        ("non-finite", "at step", "last good checkpoint (last.safetensors) was kept", "lr too high (1000.0)",
+         "fp16 overflow", "nonfinite: skip"),
+        may_change=("out/pretrain/last.safetensors",), check=kept_last_good(1)),
+    "non-finite-skip-limit": Case(
+        "pretrain", params({"pretrain": {"lr": 1000.0, "warmup_steps": 0, "save_every": 1, "eval_every": 100,
+                                         "nonfinite": "skip", "max_skipped": 2}}),
+        ("3 non-finite steps (more than max_skipped=2)", "lower lr"),
+        may_change=("out/pretrain/last.safetensors",), check=kept_last_good(3)),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(k, marks=c.marks) for k, c in CASES.items()])
+def test_bad_input_is_one_line_and_damages_nothing(name, repo):
+    case = CASES[name]
+    case.setup(repo)
+    before = hashes(repo, "data", "out")
+    proc = sh(repo, sys.executable, "-m", f"stages.{case.stage}", *case.args, check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    print(one_line_error(proc, *case.needles))
+    after = hashes(repo, "data", "out")
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed <= set(case.may_change), sorted(changed)
+    if case.check is not None:
+        case.check(repo, proc.stderr.strip())
+
+
+# --------------------------------------------------------------------------------------------------
+# the policies that let a run go on
+
+
+def test_invalid_utf8_replace_policy_in_prepare_and_encode(repo):
+    set_params(repo, {"data": {"corpus": "bad.txt", "invalid_utf8": "replace"},
+                      "encode": {"invalid_utf8": "replace"}})
+    (repo / "bad.txt").write_bytes(invalid_utf8_file("bad.txt", 1234))
+    stage(repo, "prepare")
+    assert "\ufffd" in (repo / "data/corpus.txt").read_text(encoding="utf-8")
+    (repo / "data/corpus.txt").write_bytes(invalid_utf8_file("corpus", 4321))
+    stage(repo, "encode")
+    assert json.loads((repo / "out/encoded/meta.json").read_text())["tokens"]["val"] > 0
+
+
+def test_bad_records_skip_policy_counts_what_it_skipped(repo):
+    lines = [json.dumps({"instruction": f"Question {i}?", "response": f"Answer {i}."}) for i in range(20)]
+    lines[3] = "{oops"
+    lines[7] = json.dumps({"instruction": "no response"})
+    (repo / "pairs.jsonl").write_text(jsonl(*lines))
+    set_params(repo, {"data": {"sft": "pairs.jsonl", "bad_records": "skip"}})
+    stage(repo, "prepare")
+    stats = json.loads((repo / "out/prepare/stats.json").read_text())["sft"]
+    assert stats["skipped"] == 2 and stats["pairs"] == 18 and stats["train"] + stats["val"] == 18
+
+
+def test_nonfinite_skip_policy_counts_skipped_steps(repo):
+    set_params(repo, {"pretrain": {"lr": 1000.0, "warmup_steps": 0, "eval_every": 100, "max_steps": 8,
+                                   "nonfinite": "skip", "max_skipped": 100}})
+    proc = stage(repo, "pretrain")
+    metrics = json.loads((repo / "out/pretrain/metrics.json").read_text())
+    assert metrics["steps"] == 8 and 0 < metrics["skipped_steps"] < 8, metrics
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# the compatibility check the sft, evaluate and generate stages run
+
+
+def test_check_compatible_names_what_differs(done):
+    import dataclasses
+
+    from minilm.checkpoint import check_compatible, load_checkpoint
+    from minilm.errors import CheckpointError
+    from minilm.params import load_params
+    from minilm.tokenizer import load_tokenizer
+
+    ckpt = load_checkpoint(done / BASE)
+    tok = load_tokenizer(done / "out/tokenizer/tokenizer.model")
+    model = dataclasses.replace(load_params(done / "params.yaml").model, vocab_size=tok.vocab_size)
+    check_compatible(ckpt, BASE, model, tokenizer_hash=tok.hash)          # the pipeline's own: fine
+    with pytest.raises(CheckpointError, match=r"trained with model.d_model=64 \(params say 32\).*dvc repro"):
+        check_compatible(ckpt, BASE, dataclasses.replace(model, d_model=32))
+    with pytest.raises(CheckpointError, match="another tokenizer") as err:
+        check_compatible(ckpt, BASE, model, tokenizer_hash="0" * 64)
+    assert "\n" not in str(err.value)
