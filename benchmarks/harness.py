@@ -162,12 +162,11 @@ def alternate(fns: dict[str, Callable[[], Any]], ctx: Context, *, repeats: int |
     min_seconds = ctx.min_seconds if min_seconds is None else min_seconds
     out: dict[str, dict[str, Any]] = {}
     for name, fn in fns.items():
-        first = _seconds(fn, 1)
-        probe = first
+        first = probe = _seconds(fn, 1) if warmup > 0 else None
         for _ in range(max(0, warmup - 1)):
             probe = _seconds(fn, 1)
-        out[name] = {"seconds": [], "calls": max(1, round(min_seconds / max(probe, 1e-9))),
-                     "first_call_s": first}
+        calls = 1 if probe is None else max(1, round(min_seconds / max(probe, 1e-9)))
+        out[name] = {"seconds": [], "calls": calls, "first_call_s": first}
     names = list(fns)
     for r in range(repeats):
         k = r % len(names)

@@ -32,9 +32,15 @@ QUICK_PARAMS = {
     "model": {"context_length": 64, "n_layer": 2, "n_head": 2, "d_model": 64},
     "pretrain": {"max_steps": 30, "batch_size": 8, "warmup_steps": 5, "eval_every": 15, "eval_batches": 2,
                  "log_every": 5},
-    "evaluate": {"batches": 4, "batch_size": 8},
-    "generate": {"min_new_tokens": 5, "max_new_tokens": 12},
+    "sft": {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
+            "log_every": 5},
+    "evaluate": {"batches": 4, "batch_size": 8, "sft_pairs": 40},
+    "generate": {"prompts": ["The function", "A list"], "min_new_tokens": 5, "max_new_tokens": 12,
+                 "sft_questions": 2},
 }
+# and for any training section added later and not listed above
+QUICK_TRAINING = {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
+                  "log_every": 5}
 
 
 def env() -> dict[str, str]:
@@ -67,6 +73,16 @@ def _git_init(path: Path) -> None:
     sh(path, "git", "init", "-q", "-b", "main")
     sh(path, "git", "add", "-A")
     sh(path, "git", "commit", "-qm", "init")
+
+
+def quick_overrides(params: dict) -> dict:
+    """QUICK_PARAMS, plus tiny step counts for every other section that trains (has ``max_steps``); only
+    keys the section has are set, so the params stay valid."""
+    out = {k: dict(v) for k, v in QUICK_PARAMS.items()}
+    for section, values in params.items():
+        if section not in out and isinstance(values, dict) and "max_steps" in values:
+            out[section] = {k: v for k, v in QUICK_TRAINING.items() if k in values}
+    return out
 
 
 def make_repo(path: Path, overrides: dict) -> Path:
@@ -118,7 +134,10 @@ def mlflow_seconds(repo: Path) -> dict[str, float]:
 def run(ctx: Context) -> dict[str, Any]:
     if shutil.which("dvc") is None or shutil.which("git") is None:
         return {"skipped": "dvc or git is not on PATH", "lines": [], "notes": []}
-    overrides = QUICK_PARAMS if ctx.quick else {"project": {"progress": False}}
+    if ctx.quick:
+        overrides = quick_overrides(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    else:
+        overrides = {"project": {"progress": False}}
     with tempfile.TemporaryDirectory(prefix="minilm-bench-pipeline-") as tmp:
         repo = make_repo(Path(tmp) / "repo", overrides)
         trivial = make_trivial_repo(Path(tmp) / "trivial")

@@ -43,7 +43,7 @@ def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
         return ctx.memo[key]
     batch, cfg = random_batch(shape), train_config()
     hf_missing = missing("transformers")
-    fns, compile_s = {}, {}
+    fns = {}
     gemm_n = 256 if ctx.quick else 2048
     for precision in PRECISIONS:
         fns[contender("minilm", precision)] = minilm_step(build_model(shape), batch, cfg, precision)
@@ -59,14 +59,9 @@ def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
         fns[contender("gemm", precision)] = gemm(gemm_n, dtype)
     ctx.log(f"  training {shape.name}: {', '.join(fns)}")
     times = alternate(fns, ctx)
-    for name, t in times.items():
-        if name.startswith("minilm+compile"):
-            compile_s[name] = t["first_call_s"]
-    model = build_model(shape)
     result = {"shape": shape, "times": times, "tokens_per_step": shape.batch_size * shape.context_length,
-              "flops_per_token": train_flops_per_token(model), "gemm_n": gemm_n,
-              "gemm_flops": 2.0 * gemm_n ** 3, "compile_first_call_s": compile_s,
-              "transformers_missing": hf_missing}
+              "flops_per_token": train_flops_per_token(build_model(shape)), "gemm_n": gemm_n,
+              "gemm_flops": 2.0 * gemm_n ** 3, "transformers_missing": hf_missing}
     ctx.memo[key] = result
     return result
 
@@ -114,5 +109,5 @@ def run(ctx: Context) -> dict[str, Any]:
     notes.append("same weights on both sides (minilm.hf.to_transformers); transformers runs with "
                  "use_cache=False and torch.optim.AdamW's default implementation (Trainer's adamw_torch); "
                  "minilm runs its own train-loop step (fused AdamW). first_call_s of a compiled variant "
-                 "includes compilation.")
+                 "includes compilation (shorter when inductor's on-disk cache is warm from an earlier run).")
     return {"lines": lines, "notes": notes}

@@ -260,7 +260,7 @@ CASES = {
     "adapter-given-as-checkpoint": Case("sft", copy(ADAPTER, BASE),
                                         ("'minilm-lora-adapter' file, not a minilm model checkpoint",
                                          "point to a checkpoint written by minilm")),
-    "checkpoint-config-edited": Case("sft", edited_config,
+    "checkpoint-config-edited": Case("evaluate", edited_config,
                                      ("checkpoint weights do not fit the model", "size mismatch",
                                       "another model config")),
     "truncated-adapter": Case("merge", truncate(ADAPTER, 0.6),

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import harness, report
-from benchmarks.harness import Context, Shape, alternate, build_model, matmul_params, median_ratio
-from benchmarks.run import main, parse_rows
-
 ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/ is not an installed package, and plain `pytest` does not put the repo root on sys.path
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness, report  # noqa: E402
+from benchmarks.harness import Context, Shape, alternate, build_model, matmul_params, median_ratio  # noqa: E402
+from benchmarks.run import main, parse_rows  # noqa: E402
 ROW_KEYS = ["training", "utilisation", "generation", "finetune", "quality"]
 
 
@@ -160,6 +163,21 @@ def test_render_shows_failures_and_skips():
                         "quality": {"id": 5, "title": "Q", "skipped": "no file", "lines": []}}}
     md = report.render(results)
     assert "Failed: `RuntimeError: boom`" in md and "Skipped: no file" in md
+
+
+def test_quick_pipeline_params_are_tiny_and_valid(tmp_path):
+    import yaml
+
+    from benchmarks.pipeline import _merge, quick_overrides
+    from minilm.params import load_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tiny = _merge(params, quick_overrides(params))
+    training = [name for name, values in params.items() if isinstance(values, dict) and "max_steps" in values]
+    assert "pretrain" in training
+    assert all(tiny[name]["max_steps"] <= 30 for name in training)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny))
+    load_params(tmp_path / "params.yaml")          # validates every section
 
 
 @pytest.mark.slow
