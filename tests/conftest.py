@@ -18,3 +18,22 @@ def stdlib_text(tmp_path):
     path = tmp_path / "stdlib.txt"
     path.write_text(text[: text.rfind("\n", 0, 200_000) + 1], encoding="utf-8")
     return path
+
+
+def wait_for_mlflow_server(url: str, proc, log_path, timeout_s: float) -> None:
+    """Poll a just-started `mlflow server` until /health answers 200; fail with its log otherwise."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            pytest.fail(f"mlflow server did not come up:\n{tail}")
+        time.sleep(0.2)

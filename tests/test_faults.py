@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from test_pipeline import ROOT, TINY, env, make_repo, merge, sh
 
 from minilm.checkpoint import read_meta
 from minilm.errors import MinilmError
+from conftest import wait_for_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -509,18 +509,7 @@ def mlflow_server(prepared, tmp_path):
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not come up:\n"
-                            + (tmp_path / "server.log").read_text(errors="replace")[-2000:])
-            time.sleep(0.2)
+        wait_for_mlflow_server(url, proc, tmp_path / "server.log", timeout_s=90)
         yield url, proc
     finally:
         if proc.poll() is None:

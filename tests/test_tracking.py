@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from minilm.errors import ConfigError, TrackingError
 from minilm.plots import plot_curves, write_table_csv, write_table_tsv
 from minilm.runinfo import run_info
 from minilm.tracking import TrackingConfig, check_tracking, flatten_params, resolve_uri, start_run
+from conftest import wait_for_mlflow_server
 
 
 @pytest.fixture(autouse=True)
@@ -242,18 +242,7 @@ def mlflow_server(tmp_path, request):
 
     request.addfinalizer(stop)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = (tmp_path / "server.log").read_text(errors="replace")[-2000:]
-            pytest.fail(f"mlflow server did not come up:\n{tail}")
-        time.sleep(0.2)
+    wait_for_mlflow_server(url, proc, tmp_path / "server.log", timeout_s=60)
     return url, proc
 
 
