@@ -52,8 +52,78 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos/sin broadcast to it: (1, 1, T, hd) or (B, 1, T, hd)
-    return (x * cos + rotate_half(x) * sin).type_as(x)
+    # x: (B, H, T, hd); cos/sin broadcast to it: (1, 1, T, hd) or (B, 1, T, hd). Computed in x's dtype
+    # (as transformers' Llama does under autocast): no fp32 temporaries for bf16 activations.
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention kernel
+
+_BACKENDS = ("auto", "sdpa", "matmul")
+_backend = "auto"
+_causal_bias: dict[tuple, torch.Tensor] = {}
+
+
+def set_attention_backend(name: str) -> str:
+    """Choose how attention is computed: ``"sdpa"`` (``F.scaled_dot_product_attention``), ``"matmul"``
+    (explicit batched matmuls and a softmax) or ``"auto"`` (matmul for bf16 on CPU, SDPA otherwise).
+    Returns the previous setting. Both give the same result up to rounding (tests/test_model.py)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend must be one of {_BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    return previous
+
+
+def _use_matmul(q: torch.Tensor) -> bool:
+    if _backend == "auto":
+        # CPU's flash kernel is 2-5x slower than plain bf16 GEMMs for bf16 at our sizes (forward and
+        # backward, benchmarks row 1); in fp32 and on GPUs SDPA is as fast or faster.
+        return q.device.type == "cpu" and q.dtype == torch.bfloat16
+    return _backend == "matmul"
+
+
+def _bias(mask: torch.Tensor | None, is_causal: bool, Tq: int, Tk: int, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor | None:
+    """Additive mask (0 where a query may attend, -inf elsewhere), broadcastable to (B, H, Tq, Tk)."""
+    if mask is not None:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    if not is_causal:
+        return None
+    key = (Tq, Tk, dtype, device)
+    if key not in _causal_bias:
+        if len(_causal_bias) > 32:
+            _causal_bias.clear()
+        _causal_bias[key] = torch.full((Tq, Tk), float("-inf"), dtype=dtype, device=device).triu(1 + Tk - Tq)
+    return _causal_bias[key]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v for q (B, H, Tq, hd) and k, v (B, Hkv, Tk, hd), H a multiple of
+    Hkv (query head h reads key/value head h // (H / Hkv)). ``mask``: bool, broadcastable to
+    (B, H, Tq, Tk), True = may attend; ``is_causal``: the lower-triangular mask (Tq == Tk)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if not _use_matmul(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=dropout_p, enable_gqa=H != Hkv)
+    B, _, Tq, hd = q.shape
+    Tk = k.shape[2]
+    if H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    with torch.autocast(q.device.type, enabled=False):   # dtypes are explicit from here on
+        qf, kf, vf = q.reshape(B * H, Tq, hd), k.reshape(B * H, Tk, hd), v.reshape(B * H, Tk, hd)
+        bias = _bias(mask, is_causal, Tq, Tk, q.dtype, q.device)
+        if bias is None:
+            scores = torch.bmm(qf, kf.transpose(1, 2)).mul_(hd ** -0.5)
+        else:
+            bias = bias.expand(B, H, Tq, Tk).reshape(B * H, Tq, Tk)
+            scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=hd ** -0.5)
+        p = scores.softmax(-1)
+        if dropout_p > 0.0:
+            p = F.dropout(p, dropout_p)
+        return torch.bmm(p, vf).view(B, H, Tq, hd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,6 +172,16 @@ class _Step:
 # attention, feed-forward, block
 
 
+def compute_dtype(h: torch.Tensor) -> torch.Tensor:
+    """``h`` in the autocast dtype when autocast is on, else unchanged: a norm's output cast once for the
+    projections that read it (q, k, v or gate, up, and any LoRA A), instead of once per projection by
+    autocast. The same rounding either way."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return h.to(torch.get_autocast_dtype(device))
+    return h
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -124,10 +204,8 @@ class Attention(nn.Module):
             c.k[layer, :, :, step.start:end] = k
             c.v[layer, :, :, step.start:end] = v
             k, v = c.k[layer, :, :, :end], c.v[layer, :, :, :end]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)                                 # (B, H, T, hd)
+        y = attention(q, k, v, mask=step.mask, is_causal=step.is_causal,
+                      dropout_p=self.dropout if self.training else 0.0)               # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -159,11 +237,11 @@ class Block(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, step: _Step, layer: int) -> torch.Tensor:
-        h = self.input_layernorm(x)
+        h = compute_dtype(self.input_layernorm(x))
         if self.parallel:
             return x + self.resid_drop(self.self_attn(h, step, layer) + self.mlp(h))
         x = x + self.resid_drop(self.self_attn(h, step, layer))
-        return x + self.resid_drop(self.mlp(self.post_attention_layernorm(x)))
+        return x + self.resid_drop(self.mlp(compute_dtype(self.post_attention_layernorm(x))))
 
 
 class Decoder(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from minilm.checkpoint import load_model, save_checkpoint
 from minilm.config import ModelConfig, build
 from minilm.errors import CheckpointError, ConfigError
-from minilm.model import GPT, KVCache, apply_rope, lm_loss, rope_cache
+from minilm.model import GPT, KVCache, apply_rope, attention, lm_loss, rope_cache, set_attention_backend
 
 V = 61
 
@@ -31,12 +31,20 @@ def ids(*shape: int, seed: int = 1) -> torch.Tensor:
 close = dict(atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture(params=["sdpa", "matmul"])
+def backend(request):
+    """Run a parity test under both attention kernels."""
+    previous = set_attention_backend(request.param)
+    yield request.param
+    set_attention_backend(previous)
+
+
 # --------------------------------------------------------------------------------------------------
 # causality and the KV cache
 
 
 @pytest.mark.parametrize("block", ["sequential", "parallel"])
-def test_causal_future_tokens_do_not_change_past_logits(block):
+def test_causal_future_tokens_do_not_change_past_logits(block, backend):
     model = tiny(block=block)
     x = ids(2, 20)
     y = x.clone()
@@ -48,7 +56,7 @@ def test_causal_future_tokens_do_not_change_past_logits(block):
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2, 1], ids=["mha", "gqa", "mqa"])
-def test_kv_cache_decode_equals_full_forward(n_kv_head):
+def test_kv_cache_decode_equals_full_forward(n_kv_head, backend):
     model = tiny(n_kv_head=n_kv_head)
     x = ids(2, 18)
     with torch.no_grad():
@@ -61,7 +69,7 @@ def test_kv_cache_decode_equals_full_forward(n_kv_head):
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2])
-def test_chunked_prefill_equals_full_forward(n_kv_head):
+def test_chunked_prefill_equals_full_forward(n_kv_head, backend):
     model = tiny(n_kv_head=n_kv_head)
     x = ids(3, 21)
     with torch.no_grad():
@@ -72,7 +80,7 @@ def test_chunked_prefill_equals_full_forward(n_kv_head):
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2, 1], ids=["mha", "gqa", "mqa"])
-def test_left_padded_batch_with_cache_equals_each_prompt_alone(n_kv_head):
+def test_left_padded_batch_with_cache_equals_each_prompt_alone(n_kv_head, backend):
     model = tiny(n_kv_head=n_kv_head)
     lengths = [9, 4, 6]
     prompts = [ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
@@ -159,7 +167,7 @@ def reference_forward(model: GPT, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n_kv_head", [None, 4, 2, 1], ids=["mha", "gqa4=mha", "gqa2", "mqa"])
 @pytest.mark.parametrize("block", ["sequential", "parallel"])
-def test_model_matches_hand_written_softmax_attention(n_kv_head, block):
+def test_model_matches_hand_written_softmax_attention(n_kv_head, block, backend):
     model = tiny(n_kv_head=n_kv_head, block=block)
     x = ids(2, 13)
     with torch.no_grad():
@@ -364,3 +372,93 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
 def test_missing_checkpoint_raises(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# attention kernels: the explicit-matmul path (bf16 on CPU) equals SDPA
+
+
+def _qkv(B, H, Hkv, Tq, Tk, hd=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Tq, hd, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, Tk, hd, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, Tk, hd, generator=g).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _both(fn):
+    outs = []
+    for name in ("sdpa", "matmul"):
+        previous = set_attention_backend(name)
+        try:
+            outs.append(fn())
+        finally:
+            set_attention_backend(previous)
+    return outs
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("case", ["causal", "mask", "decode", "none"])
+def test_matmul_attention_equals_sdpa_values_and_gradients(Hkv, case):
+    Tq, Tk = {"causal": (12, 12), "mask": (5, 12), "decode": (1, 12), "none": (7, 9)}[case]
+    mask = None
+    if case == "mask":
+        mask = torch.rand(3, 1, Tq, Tk, generator=torch.Generator().manual_seed(3)) > 0.4
+        mask[..., 0] = True                      # every query sees at least one key
+
+    def run():
+        q, k, v = _qkv(3, 4, Hkv, Tq, Tk)
+        y = attention(q, k, v, mask=mask, is_causal=case == "causal")
+        y.square().sum().backward()
+        return y.detach(), q.grad, k.grad, v.grad
+
+    sdpa, matmul = _both(run)
+    for a, b in zip(sdpa, matmul):
+        torch.testing.assert_close(b, a, **close)
+
+
+def test_matmul_attention_in_bf16_matches_fp32_within_bf16_rounding():
+    q, k, v = _qkv(2, 4, 2, 32, 32, hd=32)
+    ref = attention(q, k, v, is_causal=True)
+    previous = set_attention_backend("auto")       # bf16 on CPU takes the matmul path
+    try:
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    finally:
+        set_attention_backend(previous)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.detach(), atol=3e-2, rtol=3e-2)
+
+
+def test_matmul_attention_dropout_zeroes_and_rescales():
+    q, k, v = _qkv(1, 1, 1, 6, 6)
+    v = torch.ones_like(v)
+    previous = set_attention_backend("matmul")
+    try:
+        torch.manual_seed(0)
+        y = attention(q, k, v, is_causal=True, dropout_p=0.5)
+    finally:
+        set_attention_backend(previous)
+    # with v = 1 every output is sum of kept probabilities / (1 - p): not all 1, mean about 1
+    assert not torch.allclose(y, torch.ones_like(y))
+    assert 0.3 < y.mean().item() < 1.7
+
+
+def test_bf16_model_forward_and_loss_agree_across_backends():
+    model = tiny(n_kv_head=2).train()
+    x, y = ids(4, 40), ids(4, 40, seed=2)
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(model(x), y)
+        loss.backward()
+        return loss.detach(), model.lm_head.weight.grad.clone()
+
+    (l1, g1), (l2, g2) = _both(run)
+    assert abs(l1.item() - l2.item()) < 1e-2
+    assert F.cosine_similarity(g1.flatten(), g2.flatten(), dim=0) > 0.999
+
+
+def test_unknown_attention_backend_is_refused():
+    with pytest.raises(ValueError, match="attention backend"):
+        set_attention_backend("flash")
