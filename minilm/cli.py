@@ -67,6 +67,9 @@ def sample_parser() -> argparse.ArgumentParser:
                     "(blank lines skipped)")
     io.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where to run: auto = cuda when available, else cpu")
+    io.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="weights while decoding: auto = bf16 where the hardware has it natively "
+                         "(decoding reads every weight per token; bf16 halves that), else fp32")
     io.add_argument("--ema", action="store_true",
                     help="use the EMA weights when the checkpoint has them")
     io.add_argument("--no-bos", action="store_true", help="do not start prompts with the BOS token")
@@ -127,11 +130,15 @@ def _sample(argv: list[str] | None) -> int:
     }, "sample", source="command line")
     device = _device(args.device)
 
+    import torch
+
     from .checkpoint import load_model
+    from .precision import inference_dtype
     from .sampling import generate
     from .tokenizer import load_tokenizer  # imported here: the CLI must not need it for --help
 
     model, ckpt = load_model(args.ckpt, device, use_ema=args.ema)
+    model.to(inference_dtype(args.precision, torch.device(device)))
     if args.ema and not ckpt.ema_state:
         print(f"note: {args.ckpt} has no EMA weights; using the model weights", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)

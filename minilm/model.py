@@ -80,7 +80,7 @@ def _use_matmul(q: torch.Tensor) -> bool:
     if _backend == "auto":
         # CPU's flash kernel is 2-5x slower than plain bf16 GEMMs for bf16 at our sizes (forward and
         # backward, benchmarks row 1); in fp32 and on GPUs SDPA is as fast or faster.
-        return q.device.type == "cpu" and q.dtype == torch.bfloat16
+        return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] > 1
     return _backend == "matmul"
 
 

@@ -55,6 +55,7 @@ class EvaluateConfig:
 class GenerateConfig(SampleConfig):
     prompts: list[str] = field(default_factory=lambda: ["The"])
     sft_questions: int = 8             # held-out SFT instructions answered by the fine-tuned model
+    precision: str = "auto"            # weights while decoding: auto (bf16 where native) | fp32 | bf16 | fp16
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -62,6 +63,8 @@ class GenerateConfig(SampleConfig):
             p.append("prompts must list at least one prompt")
         if self.sft_questions < 0:
             p.append(f"sft_questions must be >= 0, got {self.sft_questions}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            p.append(f"precision must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
         return p
 
 

@@ -44,6 +44,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The weight dtype for decoding: 'auto' -> bf16 where the hardware does bf16 natively (decoding is
+    bound by reading the weights, and bf16 halves that: benchmarks row 3), fp16 on CUDA without bf16,
+    else fp32."""
+    if precision not in ("auto", *DTYPES):
+        raise ConfigError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return DTYPES[resolve_precision(precision, device)]
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

@@ -1,6 +1,6 @@
 """generate: samples for the prompts in params `generate` from the base model, and answers of the SFT
 (merged) model to the first `generate.sft_questions` held-out instructions (rendered with
-`sft.template`). Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
+`sft.template`). Weights are cast to `generate.precision` (auto = bf16 where the CPU has it natively). Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from minilm.cli import run_main
 from minilm.config import SampleConfig
 from minilm.corpus import read_pairs
 from minilm.fileio import write_text
-from minilm.precision import resolve_device
+from minilm.precision import inference_dtype, resolve_device
 from minilm.sampling import generate
 from minilm.tokenizer import load_tokenizer
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.generate
     sampling = SampleConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SampleConfig)})
     device = resolve_device(params.project.device)
+    dtype = inference_dtype(cfg.precision, device)
     base_path = PRETRAIN / "best.safetensors"
     with stage_run("generate", params, ["generate", "project", "sft"], out_dir=GENERATE,
                    inputs={"base_model": base_path, "sft_model": MERGED, "tokenizer": tokenizer_path(),
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         tok = load_tokenizer(tokenizer_path())
         base, base_ckpt = load_model(base_path, device)
         check_compatible(base_ckpt, base_path, tokenizer_hash=tok.hash)
+        base.to(dtype)
+        run.set_tags({"generate.dtype": str(dtype).removeprefix("torch.")})
         records = [{"model": "base", "prompt": p, "completion": c}
                    for p, c in zip(cfg.prompts, generate(base, tok, cfg.prompts, sampling, device=device))]
         if cfg.sft_questions:
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             answer_cfg = dataclasses.replace(sampling, stop=[*sampling.stop, marker], min_new_tokens=0)
             sft_model, sft_ckpt = load_model(MERGED, device)
             check_compatible(sft_ckpt, MERGED, tokenizer_hash=tok.hash)
+            sft_model.to(dtype)
             answers = generate(sft_model, tok, prompts, answer_cfg, device=device)
             records += [{"model": "sft", "prompt": p, "completion": a.strip(), "reference": ref}
                         for p, a, ref in zip(prompts, answers, pairs["response"])]

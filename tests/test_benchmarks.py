@@ -69,8 +69,9 @@ def test_quick_run_compares_against_the_baselines(quick_results):
     assert any(b and b.startswith("transformers") for b in baselines) == have_hf
     gen = {ln["case"]: ln for ln in rows["generation"]["lines"]}
     assert "batch 1 KV cache vs no cache" in gen
-    if have_hf:   # same weights, greedy: the two implementations must pick the same tokens
-        assert gen["batch 1 KV cache"]["same_tokens"] == 1.0
+    if have_hf:   # same weights, greedy, fp32: the two implementations must pick the same tokens
+        assert gen["batch 1 minilm fp32 KV cache"]["same_tokens"] == 1.0
+        assert any(case.startswith("batch 1 best vs best") for case in gen)
     lora = {ln["case"]: ln for ln in rows["finetune"]["lines"]}
     full, adapter = lora["minilm full FT step"], lora["minilm LoRA step"]
     assert adapter["trainable"] < full["trainable"] == build_model(harness.TINY_A).num_parameters()

@@ -462,3 +462,18 @@ def test_bf16_model_forward_and_loss_agree_across_backends():
 def test_unknown_attention_backend_is_refused():
     with pytest.raises(ValueError, match="attention backend"):
         set_attention_backend("flash")
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+def test_bf16_weights_cached_decode_matches_full_forward(n_kv_head):
+    """Decoding with bf16 weights (generate.precision auto on bf16 hardware): the cached path (SDPA for one
+    query) and the full forward (the matmul kernel) agree to bf16 rounding, greedy choices included."""
+    model = tiny(n_kv_head=n_kv_head).to(torch.bfloat16)
+    x = ids(2, 24)
+    with torch.no_grad():
+        full = model(x).float()
+        cache = KVCache(model.config, 2, 24, dtype=torch.bfloat16)
+        steps = [model(x[:, :8], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(8, 24)]
+    cached = torch.cat(steps, 1).float()
+    assert (cached - full).abs().max() < 0.05 * full.abs().max()
+    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9

@@ -370,7 +370,7 @@ def test_sample_main_end_to_end(tmp_path, capsys):
     prompts.write_text("the fox\n\nhello\n", encoding="utf-8")
     argv = ["--ckpt", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "dog", "--prompt-file",
             str(prompts), "--max-new-tokens", "6", "--min-new-tokens", "2", "--temperature", "0",
-            "--device", "cpu"]
+            "--device", "cpu", "--precision", "fp32"]
     assert sample_main(argv) == 0
     out = capsys.readouterr().out
     blocks = out[:-1].split("\n\n---\n\n")        # each completion, then a blank line, ---, a blank line
@@ -387,3 +387,37 @@ def test_sample_main_end_to_end(tmp_path, capsys):
                         "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tokens but the model" in err
+
+
+def test_sample_main_bf16_decodes_with_bf16_weights(tmp_path, capsys):
+    tokmod = pytest.importorskip("minilm.tokenizer")
+    from minilm.config import TokenizerConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\nthe quick brown fox\n", encoding="utf-8")
+    tok_path = tmp_path / "tokenizer.json"
+    tokmod.build_char_tokenizer(corpus, tok_path, TokenizerConfig(kind="char"))
+    tok = tokmod.load_tokenizer(tok_path)
+    model = tiny(vocab_size=tok.vocab_size)
+    ckpt = save_checkpoint(tmp_path / "model.safetensors", model)
+    argv = ["--ckpt", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "the", "--max-new-tokens", "8",
+            "--min-new-tokens", "8", "--temperature", "0", "--device", "cpu", "--precision", "bf16"]
+    assert sample_main(argv) == 0
+    out = capsys.readouterr().out
+    expected = generate(model.to(torch.bfloat16), tok, ["the"], SampleConfig(
+        temperature=0.0, max_new_tokens=8, min_new_tokens=8))[0]
+    assert out == "the" + expected + "\n"
+
+
+def test_inference_dtype():
+    from minilm.errors import ConfigError
+    from minilm.precision import cpu_supports_bf16, inference_dtype
+
+    cpu = torch.device("cpu")
+    assert inference_dtype("fp32", cpu) == torch.float32
+    assert inference_dtype("bf16", cpu) == torch.bfloat16
+    assert inference_dtype("auto", cpu) == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        inference_dtype("fp16", cpu)
+    with pytest.raises(ConfigError, match="unknown precision"):
+        inference_dtype("int4", cpu)
