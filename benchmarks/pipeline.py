@@ -11,6 +11,7 @@ trivial stage, timed alternately with ours.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -131,6 +132,27 @@ def mlflow_seconds(repo: Path) -> dict[str, float]:
         return {}
 
 
+def _model_results(repo: Path) -> list[dict[str, Any]]:
+    """What the timed pipeline produced (out/evaluate and out/merge metrics), so the timing and the
+    quality it bought are recorded together."""
+    try:
+        ev = json.loads((repo / "out" / "evaluate" / "metrics.json").read_text(encoding="utf-8"))
+        merge = json.loads((repo / "out" / "merge" / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    base, sft = ev["base"], ev["sft"]
+    return [
+        line("base model val loss", "nats/token", base["val_text"]["loss"],
+             perplexity=base["val_text"]["perplexity"], bits_per_byte=base["val_text"]["bits_per_byte"]),
+        line("SFT response loss on held-out pairs", "nats/token", sft["sft_val_responses"]["loss"],
+             baseline_name="base model, zero-shot with the template",
+             baseline=base["sft_val_responses"]["loss"]),
+        line("SFT model val loss (general text)", "nats/token", sft["val_text"]["loss"],
+             bits_per_byte=sft["val_text"]["bits_per_byte"]),
+        line("merge: max |logit diff| merged vs base+adapter", "", merge["max_abs_logit_diff"]),
+    ]
+
+
 def run(ctx: Context) -> dict[str, Any]:
     if shutil.which("dvc") is None or shutil.which("git") is None:
         return {"skipped": "dvc or git is not on PATH", "lines": [], "notes": []}
@@ -159,6 +181,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     raise RuntimeError(f"a second `dvc repro` in {where} ran a stage:\n{out[-2000:]}")
                 sink.append(seconds)
         status_s, _ = sh(repo, "dvc", "status")
+        results = _model_results(repo)
     lines = []
     for stage in stages:
         t_in = inside.get(stage)
@@ -171,6 +194,7 @@ def run(ctx: Context) -> dict[str, Any]:
                       baseline_name="no-op dvc repro, one trivial stage", baseline=median(floor),
                       ratio=median_ratio(floor, noop)))
     lines.append(line("dvc status (nothing changed)", "s", status_s))
+    lines += results
     notes = [f"{'tiny params of tests/test_pipeline.py (--quick)' if ctx.quick else 'default params.yaml'} "
              "in a temporary git repo; each stage timed as its own `dvc repro <stage>` in dvc.yaml order "
              "(stages_run shows what each call ran); in_run_s = the stage's MLflow run duration; overhead = "
