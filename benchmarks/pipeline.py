@@ -149,7 +149,8 @@ def _model_results(repo: Path) -> list[dict[str, Any]]:
              baseline=base["sft_val_responses"]["loss"]),
         line("SFT model val loss (general text)", "nats/token", sft["val_text"]["loss"],
              bits_per_byte=sft["val_text"]["bits_per_byte"]),
-        line("merge: max |logit diff| merged vs base+adapter", "", merge["max_abs_logit_diff"]),
+        line("merge: largest absolute logit difference, merged vs base+adapter", "logits",
+             merge["max_abs_logit_diff"]),
     ]
 
 

@@ -56,16 +56,19 @@ def hf_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def hf_step(model: nn.Module, batch: Batch, cfg: TrainConfig, precision: str) -> Callable[[], float]:
-    """A training step of a transformers (or peft-wrapped) causal LM."""
+def hf_step(model: nn.Module, batch: Batch, cfg: TrainConfig, precision: str,
+            forward: nn.Module | None = None) -> Callable[[], float]:
+    """A training step of a transformers (or peft-wrapped) causal LM; ``forward`` is a compiled wrapper
+    of ``model`` if any."""
     opt = hf_optimizer(model, cfg)
     params = _trainable(model)
+    fwd = forward if forward is not None else model
     x, y = batch
     model.train()
 
     def step() -> float:
         with autocast(CPU, precision):
-            logits = model(input_ids=x, use_cache=False).logits
+            logits = fwd(input_ids=x, use_cache=False).logits
         loss = lm_loss(logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)

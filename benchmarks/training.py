@@ -1,8 +1,9 @@
 """Row 1: training throughput (tokens/s of forward + backward + AdamW) of minilm vs transformers'
 LlamaForCausalLM of the identical shape, same batch, same weights (exported with ``minilm.hf``).
 
-Per shape, one alternation holds every contender - minilm eager and compiled, transformers, in fp32 and
-under bf16 autocast - and a large GEMM of each dtype for row 2, so any two can be compared round by round.
+Per shape, one alternation holds every contender - minilm and transformers, each eager and compiled, in
+fp32 and under bf16 autocast; minilm in bf16 with its attention forced onto SDPA (what the explicit-matmul
+kernel buys); and a large GEMM of each dtype for row 2 - so any two can be compared round by round.
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ def gemm(n: int, dtype: torch.dtype):
     return lambda: torch.mm(a, b, out=c)
 
 
+def with_backend(name: str, step):
+    """``step`` run with minilm's attention kernel forced to ``name``."""
+    from minilm.model import set_attention_backend
+
+    def run():
+        previous = set_attention_backend(name)
+        try:
+            return step()
+        finally:
+            set_attention_backend(previous)
+    return run
+
+
 def contender(variant: str, precision: str) -> str:
     return f"{variant} {precision}"
 
@@ -51,10 +65,17 @@ def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
             model = build_model(shape)
             fns[contender("minilm+compile", precision)] = minilm_step(model, batch, cfg, precision,
                                                                      forward=torch.compile(model))
+        if precision == "bf16":
+            fns[contender("minilm-sdpa", precision)] = with_backend(
+                "sdpa", minilm_step(build_model(shape), batch, cfg, precision))
         if hf_missing is None:
             from minilm.hf import to_transformers
             fns[contender("transformers", precision)] = hf_step(to_transformers(build_model(shape)), batch,
                                                                 cfg, precision)
+            if ctx.compile:
+                hf = to_transformers(build_model(shape))
+                fns[contender("transformers+compile", precision)] = hf_step(hf, batch, cfg, precision,
+                                                                            forward=torch.compile(hf))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         fns[contender("gemm", precision)] = gemm(gemm_n, dtype)
     ctx.log(f"  training {shape.name}: {', '.join(fns)}")
@@ -71,9 +92,8 @@ def tokens_per_s(m: dict[str, Any], name: str) -> list[float]:
 
 
 def best(m: dict[str, Any], variant: str) -> str | None:
-    """The fastest contender (by median) among ``variant``'s precisions (and compiled, for minilm)."""
-    names = [n for n in m["times"] if n.split(" ")[0] in
-             (("minilm", "minilm+compile") if variant == "minilm" else (variant,))]
+    """The fastest contender (by median) among ``variant``'s precisions, eager or compiled."""
+    names = [n for n in m["times"] if n.split(" ")[0] in (variant, variant + "+compile")]
     return max(names, key=lambda n: median(tokens_per_s(m, n))) if names else None
 
 
@@ -85,7 +105,7 @@ def run(ctx: Context) -> dict[str, Any]:
         hf_ok = m["transformers_missing"] is None
         for name, values in tps.items():
             variant, precision = name.split(" ")
-            if variant == "transformers":
+            if variant.startswith("transformers"):
                 continue
             base = contender("transformers", precision)
             lines.append(line(
@@ -95,6 +115,19 @@ def run(ctx: Context) -> dict[str, Any]:
                 ratio=median_ratio(values, tps[base]) if hf_ok else None,
                 step_ms=1000 * median(m["times"][name]["seconds"]), shape=shape.describe(),
                 first_call_s=m["times"][name]["first_call_s"]))
+        if "minilm-sdpa bf16" in tps:
+            lines.append(line(f"{shape.name} bf16 attention: matmul kernel vs SDPA", "tokens/s",
+                              median(tps["minilm bf16"]), baseline_name="minilm-sdpa bf16",
+                              baseline=median(tps["minilm-sdpa bf16"]),
+                              ratio=median_ratio(tps["minilm bf16"], tps["minilm-sdpa bf16"])))
+        if hf_ok and ctx.compile:   # compiled against compiled, same dtype
+            for precision in PRECISIONS:
+                ours, theirs = contender("minilm+compile", precision), contender("transformers+compile", precision)
+                lines.append(line(f"{shape.name} {ours} vs {theirs}", "tokens/s", median(tps[ours]),
+                                  baseline_name=theirs, baseline=median(tps[theirs]),
+                                  ratio=median_ratio(tps[ours], tps[theirs]),
+                                  baseline_step_ms=1000 * median(m["times"][theirs]["seconds"]),
+                                  baseline_first_call_s=m["times"][theirs]["first_call_s"]))
         if hf_ok:
             ours, theirs = best(m, "minilm"), best(m, "transformers")
             ratio = median_ratio(tps[ours], tps[theirs])
@@ -106,6 +139,8 @@ def run(ctx: Context) -> dict[str, Any]:
     if not ctx.compile:
         notes.append("torch.compile variants not run (--quick or --no-compile: compiling takes tens of "
                      "seconds)")
+    notes.append("best vs best: the fastest of each side's variants (fp32 or bf16, eager or compiled), "
+                 "picked by median. minilm-sdpa = minilm with its attention kernel forced to SDPA.")
     notes.append("same weights on both sides (minilm.hf.to_transformers); transformers runs with "
                  "use_cache=False and torch.optim.AdamW's default implementation (Trainer's adamw_torch); "
                  "minilm runs its own train-loop step (fused AdamW). first_call_s of a compiled variant "

@@ -137,8 +137,9 @@ def _sample(argv: list[str] | None) -> int:
     from .sampling import generate
     from .tokenizer import load_tokenizer  # imported here: the CLI must not need it for --help
 
+    dtype = inference_dtype(args.precision, torch.device(device))   # a bad choice fails before loading
     model, ckpt = load_model(args.ckpt, device, use_ema=args.ema)
-    model.to(inference_dtype(args.precision, torch.device(device)))
+    model.to(dtype)
     if args.ema and not ckpt.ema_state:
         print(f"note: {args.ckpt} has no EMA weights; using the model weights", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)

@@ -1,6 +1,7 @@
 """A decoder-only Transformer in the Llama layout, written to be read top to bottom.
 
-RMSNorm -> rotary embeddings -> grouped-query attention (through SDPA) -> SwiGLU -> block -> model.
+RMSNorm -> rotary embeddings -> grouped-query attention (SDPA, or explicit matmuls for bf16 on CPU) ->
+SwiGLU -> block -> model.
 Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``,
 ``model.layers.0.mlp.gate_proj``, ``lm_head`` ...), and the rotary layout is rotate-half, so exporting a
 sequential-layout model to transformers is a copy of the state dict.
@@ -62,7 +63,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 _BACKENDS = ("auto", "sdpa", "matmul")
 _backend = "auto"
-_causal_bias: dict[tuple, torch.Tensor] = {}
 
 
 def set_attention_backend(name: str) -> str:
@@ -78,25 +78,23 @@ def set_attention_backend(name: str) -> str:
 
 def _use_matmul(q: torch.Tensor) -> bool:
     if _backend == "auto":
-        # CPU's flash kernel is 2-5x slower than plain bf16 GEMMs for bf16 at our sizes (forward and
-        # backward, benchmarks row 1); in fp32 and on GPUs SDPA is as fast or faster.
+        # For bf16 on CPU the flash kernel is slower than plain bf16 GEMMs at our sizes, forward and
+        # backward (benchmarks row 1: minilm bf16 vs minilm bf16 sdpa); in fp32 and on GPUs SDPA is as
+        # fast or faster. One query (a decode step) stays on SDPA: oneDNN's bf16 bmm is re-JITted for
+        # every new key length.
         return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] > 1
     return _backend == "matmul"
 
 
 def _bias(mask: torch.Tensor | None, is_causal: bool, Tq: int, Tk: int, dtype: torch.dtype,
           device: torch.device) -> torch.Tensor | None:
-    """Additive mask (0 where a query may attend, -inf elsewhere), broadcastable to (B, H, Tq, Tk)."""
+    """Additive mask (0 where a query may attend, -inf elsewhere), broadcastable to (B, H, Tq, Tk). Built
+    per call (microseconds): a cache keyed by shape would make torch.compile recompile per length."""
     if mask is not None:
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
     if not is_causal:
         return None
-    key = (Tq, Tk, dtype, device)
-    if key not in _causal_bias:
-        if len(_causal_bias) > 32:
-            _causal_bias.clear()
-        _causal_bias[key] = torch.full((Tq, Tk), float("-inf"), dtype=dtype, device=device).triu(1 + Tk - Tq)
-    return _causal_bias[key]
+    return torch.full((Tq, Tk), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
@@ -105,6 +103,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
     Hkv (query head h reads key/value head h // (H / Hkv)). ``mask``: bool, broadcastable to
     (B, H, Tq, Tk), True = may attend; ``is_causal``: the lower-triangular mask (Tq == Tk)."""
     H, Hkv = q.shape[1], k.shape[1]
+    if is_causal and q.shape[2] != k.shape[2]:
+        raise ValueError("is_causal needs as many queries as keys; pass an explicit mask instead")
     if not _use_matmul(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               dropout_p=dropout_p, enable_gqa=H != Hkv)
@@ -115,8 +115,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
     with torch.autocast(q.device.type, enabled=False):   # dtypes are explicit from here on
         qf, kf, vf = q.reshape(B * H, Tq, hd), k.reshape(B * H, Tk, hd), v.reshape(B * H, Tk, hd)
         bias = _bias(mask, is_causal, Tq, Tk, q.dtype, q.device)
-        if bias is None:
-            scores = torch.bmm(qf, kf.transpose(1, 2)).mul_(hd ** -0.5)
+        if bias is None:   # beta=0: the input is ignored, the scale is applied before rounding
+            scores = torch.baddbmm(qf.new_zeros(()), qf, kf.transpose(1, 2), beta=0.0, alpha=hd ** -0.5)
         else:
             bias = bias.expand(B, H, Tq, Tk).reshape(B * H, Tq, Tk)
             scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=hd ** -0.5)

@@ -49,13 +49,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The weight dtype for decoding: 'auto' -> bf16 where the hardware does bf16 natively (decoding is
-    bound by reading the weights, and bf16 halves that: benchmarks row 3), fp16 on CUDA without bf16,
-    else fp32."""
+    bound by reading the weights, and bf16 halves that: benchmarks row 3), else fp32 (fp16 weights without
+    autocast can overflow a model trained in fp32/bf16, so only an explicit 'fp16' gives them)."""
     if precision not in ("auto", *DTYPES):
         raise ConfigError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return DTYPES[resolve_precision(precision, device)]
+    if precision == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+        return torch.bfloat16 if native else torch.float32
+    return DTYPES[precision]
 
 
 def autocast(device: torch.device, precision: str):

@@ -1,6 +1,6 @@
 """generate: samples for the prompts in params `generate` from the base model, and answers of the SFT
 (merged) model to the first `generate.sft_questions` held-out instructions (rendered with
-`sft.template`). Weights are cast to `generate.precision` (auto = bf16 where the CPU has it natively). Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
+`sft.template`). Weights are cast to `generate.precision` (auto = bf16 where the hardware has it). Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
 
 from __future__ import annotations
 

@@ -459,6 +459,17 @@ def test_bf16_model_forward_and_loss_agree_across_backends():
     assert F.cosine_similarity(g1.flatten(), g2.flatten(), dim=0) > 0.999
 
 
+def test_is_causal_needs_square_attention():
+    q, k, v = _qkv(1, 2, 2, 3, 5)
+    for name in ("sdpa", "matmul"):
+        previous = set_attention_backend(name)
+        try:
+            with pytest.raises(ValueError, match="is_causal needs as many queries as keys"):
+                attention(q, k, v, is_causal=True)
+        finally:
+            set_attention_backend(previous)
+
+
 def test_unknown_attention_backend_is_refused():
     with pytest.raises(ValueError, match="attention backend"):
         set_attention_backend("flash")
@@ -477,3 +488,24 @@ def test_bf16_weights_cached_decode_matches_full_forward(n_kv_head):
     cached = torch.cat(steps, 1).float()
     assert (cached - full).abs().max() < 0.05 * full.abs().max()
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def test_compiled_matmul_attention_does_not_recompile_per_length():
+    """SFT batches vary in length: under torch.compile the bf16 matmul kernel must trace once with dynamic
+    shapes (a per-length cache of masks would pin each length and recompile), and match eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny(n_kv_head=2)
+    compiled = torch.compile(model, backend="eager")     # dynamo only: cheap, and it is what recompiles
+    previous = set_attention_backend("matmul")
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for T in (8, 12, 16, 20, 24, 28):
+                x = ids(2, T, seed=T)
+                torch.testing.assert_close(compiled(x).float(), model(x).float(), atol=2e-2, rtol=2e-2)
+    finally:
+        set_attention_backend(previous)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert frames <= 3, f"compiled {frames} graphs for 6 lengths"
