@@ -355,7 +355,9 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys, extra, words):
     assert rc == 2 and err.count("\n") == 1 and words in err
 
 
-def test_sample_main_end_to_end(tmp_path, capsys):
+def _char_checkpoint(tmp_path):
+    """A char tokenizer on a few lines of text and a tiny model saved for it: (tokenizer path, tokenizer,
+    model, checkpoint path)."""
     tokmod = pytest.importorskip("minilm.tokenizer")
     from minilm.config import TokenizerConfig
 
@@ -365,7 +367,11 @@ def test_sample_main_end_to_end(tmp_path, capsys):
     tokmod.build_char_tokenizer(corpus, tok_path, TokenizerConfig(kind="char"))
     tok = tokmod.load_tokenizer(tok_path)
     model = tiny(vocab_size=tok.vocab_size)
-    ckpt = save_checkpoint(tmp_path / "model.safetensors", model)
+    return tok_path, tok, model, save_checkpoint(tmp_path / "model.safetensors", model)
+
+
+def test_sample_main_end_to_end(tmp_path, capsys):
+    tok_path, tok, model, ckpt = _char_checkpoint(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the fox\n\nhello\n", encoding="utf-8")
     argv = ["--ckpt", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "dog", "--prompt-file",
@@ -390,16 +396,7 @@ def test_sample_main_end_to_end(tmp_path, capsys):
 
 
 def test_sample_main_bf16_decodes_with_bf16_weights(tmp_path, capsys):
-    tokmod = pytest.importorskip("minilm.tokenizer")
-    from minilm.config import TokenizerConfig
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("hello world\nthe quick brown fox\n", encoding="utf-8")
-    tok_path = tmp_path / "tokenizer.json"
-    tokmod.build_char_tokenizer(corpus, tok_path, TokenizerConfig(kind="char"))
-    tok = tokmod.load_tokenizer(tok_path)
-    model = tiny(vocab_size=tok.vocab_size)
-    ckpt = save_checkpoint(tmp_path / "model.safetensors", model)
+    tok_path, tok, model, ckpt = _char_checkpoint(tmp_path)
     argv = ["--ckpt", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "the", "--max-new-tokens", "8",
             "--min-new-tokens", "8", "--temperature", "0", "--device", "cpu", "--precision", "bf16"]
     assert sample_main(argv) == 0
