@@ -58,7 +58,7 @@ def build(config: str, shape: Shape, precision: str) -> tuple[Callable[[], float
 
         inject_lora(model, LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=list(TARGETS)))
         mark_only_lora_trainable(model)
-        return minilm_step(model, batch, cfg, precision, forward=torch.compile(model)), _trainable(model)
+        return minilm_step(model, batch, cfg, precision, compile=True), _trainable(model)
     if config == FULL:
         return minilm_step(model, batch, cfg, precision), _trainable(model)
     if config in (LORA, LORA_DROP):
@@ -79,8 +79,8 @@ def build(config: str, shape: Shape, precision: str) -> tuple[Callable[[], float
             peft_model = get_peft_model(to_transformers(model), LoraConfig(
                 r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(TARGETS), bias="none",
                 task_type="CAUSAL_LM"))
-        forward = torch.compile(peft_model) if config == PEFT_COMPILE else None
-        return hf_step(peft_model, batch, cfg, precision, forward=forward), _trainable(peft_model)
+        return (hf_step(peft_model, batch, cfg, precision, compile=config == PEFT_COMPILE),
+                _trainable(peft_model))
     raise ValueError(f"unknown configuration {config!r}")
 
 

@@ -4,7 +4,8 @@ minilm's step is exactly what ``minilm.train.train`` does per step (``accumulate
 ``clip_grad_norm_`` then the fused AdamW of ``build_optimizer``). The transformers step is what a
 transformers user writes: the model's forward with ``use_cache=False`` (no KV cache built while training),
 the same loss function on the logits, the same clipping, and ``torch.optim.AdamW`` with its default
-implementation, which is what transformers' ``Trainer`` uses (``optim="adamw_torch"``).
+implementation, which is what transformers' ``Trainer`` uses (``optim="adamw_torch"``). Compiled, each side
+compiles its model together with its loss (the fused fp32 cross-entropy helps both alike).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from minilm.config import TrainConfig
 from minilm.model import lm_loss
 from minilm.precision import autocast
-from minilm.train import accumulate_gradients, build_optimizer
+from minilm.train import accumulate_gradients, build_optimizer, token_loss_sum
 
 CPU = torch.device("cpu")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -29,16 +30,17 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def minilm_step(model: nn.Module, batch: Batch, cfg: TrainConfig, precision: str,
-                forward: nn.Module | None = None) -> Callable[[], float]:
-    """A training step of a minilm model; ``forward`` is a compiled wrapper of ``model`` if any."""
+                compile: bool = False) -> Callable[[], float]:
+    """A training step of a minilm model; ``compile`` as ``train`` does it (``compile: true``: the model
+    and its loss in one compiled function)."""
     opt = build_optimizer(model, cfg, CPU)
     params = _trainable(model)
-    fwd = forward if forward is not None else model
+    loss_fn = torch.compile(token_loss_sum) if compile else token_loss_sum
     x, y = batch
     model.train()
 
     def step() -> float:
-        loss = accumulate_gradients(fwd, [(x, y, {})], device=CPU, precision=precision)
+        loss = accumulate_gradients(model, [(x, y, {})], device=CPU, precision=precision, loss_fn=loss_fn)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -56,20 +58,26 @@ def hf_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
+def hf_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean token loss of a transformers causal LM, the loss in fp32 outside autocast (as minilm's)."""
+    logits = model(input_ids=x, use_cache=False).logits
+    with torch.autocast(logits.device.type, enabled=False):
+        return lm_loss(logits, y)
+
+
 def hf_step(model: nn.Module, batch: Batch, cfg: TrainConfig, precision: str,
-            forward: nn.Module | None = None) -> Callable[[], float]:
-    """A training step of a transformers (or peft-wrapped) causal LM; ``forward`` is a compiled wrapper
-    of ``model`` if any."""
+            compile: bool = False) -> Callable[[], float]:
+    """A training step of a transformers (or peft-wrapped) causal LM; ``compile`` compiles the model with
+    its loss, as minilm's ``compile: true`` does (the same advantage on both sides)."""
     opt = hf_optimizer(model, cfg)
     params = _trainable(model)
-    fwd = forward if forward is not None else model
+    loss_fn = torch.compile(hf_loss) if compile else hf_loss
     x, y = batch
     model.train()
 
     def step() -> float:
         with autocast(CPU, precision):
-            logits = fwd(input_ids=x, use_cache=False).logits
-        loss = lm_loss(logits, y)
+            loss = loss_fn(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         opt.step()

@@ -62,9 +62,8 @@ def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
     for precision in PRECISIONS:
         fns[contender("minilm", precision)] = minilm_step(build_model(shape), batch, cfg, precision)
         if ctx.compile:
-            model = build_model(shape)
-            fns[contender("minilm+compile", precision)] = minilm_step(model, batch, cfg, precision,
-                                                                     forward=torch.compile(model))
+            fns[contender("minilm+compile", precision)] = minilm_step(build_model(shape), batch, cfg, precision,
+                                                                     compile=True)
         if precision == "bf16":
             fns[contender("minilm-sdpa", precision)] = with_backend(
                 "sdpa", minilm_step(build_model(shape), batch, cfg, precision))
@@ -73,9 +72,8 @@ def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
             fns[contender("transformers", precision)] = hf_step(to_transformers(build_model(shape)), batch,
                                                                 cfg, precision)
             if ctx.compile:
-                hf = to_transformers(build_model(shape))
-                fns[contender("transformers+compile", precision)] = hf_step(hf, batch, cfg, precision,
-                                                                            forward=torch.compile(hf))
+                fns[contender("transformers+compile", precision)] = hf_step(
+                    to_transformers(build_model(shape)), batch, cfg, precision, compile=True)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         fns[contender("gemm", precision)] = gemm(gemm_n, dtype)
     ctx.log(f"  training {shape.name}: {', '.join(fns)}")

@@ -80,8 +80,21 @@ def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def token_loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``model(x, **kw)`` against ``y`` (-100 ignored), the loss outside
+    autocast. One function so that ``torch.compile(token_loss_sum)`` (``compile: true``) puts the loss in
+    the model's graph, where its fp32 cast, log-softmax and their backward fuse: 1.1-1.17x a compiled
+    training step at our sizes."""
+    logits = model(x, **kw)
+    with torch.autocast(logits.device.type, enabled=False):
+        return lm_loss(logits, y, reduction="sum")
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
 def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.device,
-                  precision: str = "fp32") -> float:
+                  precision: str = "fp32", loss_fn: LossFn = token_loss_sum) -> float:
     """Mean per-token loss over a fixed set of batches (targets of -100 are ignored)."""
     was_training = model.training
     model.eval()
@@ -91,8 +104,7 @@ def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.d
             for b in batches:
                 x, y, kw = _unpack(b, device)
                 with autocast(device, precision):
-                    logits = model(x, **kw)
-                total += lm_loss(logits, y, reduction="sum").item()
+                    total += loss_fn(model, x, y, kw).item()
                 count += int((y != -100).sum())
     finally:
         model.train(was_training)
@@ -101,18 +113,19 @@ def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.d
 
 def accumulate_gradients(model: nn.Module, micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]], *,
                          device: torch.device, precision: str = "fp32",
-                         scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                         scaler: torch.amp.GradScaler | None = None,
+                         loss_fn: LossFn = token_loss_sum) -> torch.Tensor:
     """Backward over the micro-batches of one optimizer step; returns the step's mean token loss.
 
     The loss is normalised by the number of target tokens in the *whole* accumulated batch, so the
     gradient equals that of one big batch even when micro-batches hold different numbers of targets.
+    ``loss_fn`` is :func:`token_loss_sum` or a compiled version of it.
     """
     n_targets = sum(int((y != -100).sum()) for _, y, _ in micro)
     loss_sum = torch.zeros((), device=device)
     for x, y, kw in micro:
         with autocast(device, precision):
-            logits = model(x, **kw)
-        loss = lm_loss(logits, y, reduction="sum") / max(n_targets, 1)
+            loss = loss_fn(model, x, y, kw) / max(n_targets, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
     return loss_sum
@@ -207,7 +220,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
         for row in history:
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
-    fwd = torch.compile(model) if cfg.compile else model
+    loss_fn = torch.compile(token_loss_sum) if cfg.compile else token_loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(path: Path, kind: str, weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -231,8 +244,8 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             return math.nan
         if ema is not None and cfg.ema_for_eval:
             with ema.swapped(model):
-                return evaluate_loss(fwd, eval_batches, device=device, precision=precision)
-        return evaluate_loss(fwd, eval_batches, device=device, precision=precision)
+                return evaluate_loss(model, eval_batches, device=device, precision=precision, loss_fn=loss_fn)
+        return evaluate_loss(model, eval_batches, device=device, precision=precision, loss_fn=loss_fn)
 
     def save_best() -> None:
         if ema is not None and cfg.ema_for_eval:
@@ -256,7 +269,8 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             for g in optimizer.param_groups:
                 g["lr"] = lr
             micro = [_unpack(data.batch(step, m), device) for m in range(cfg.grad_accum)]
-            loss_sum = accumulate_gradients(fwd, micro, device=device, precision=precision, scaler=scaler)
+            loss_sum = accumulate_gradients(model, micro, device=device, precision=precision, scaler=scaler,
+                                            loss_fn=loss_fn)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -277,3 +278,16 @@ def test_a_tiny_model_visibly_learns_real_text(tmp_path, byte_tokens):
     print(f"unigram entropy {unigram_nats:.3f} nats, val loss after 300 steps {result.last_val_loss:.3f}")
     assert result.last_val_loss < unigram_nats - 0.8
     assert math.isfinite(result.best_val_loss)
+
+
+def test_compile_trains_like_eager(tmp_path, byte_tokens):
+    """``compile: true`` compiles the model with its loss (token_loss_sum): the same losses and weights as
+    eager to fp32 rounding, evaluation included."""
+    cfg = tiny_cfg(max_steps=6, eval_every=3, log_every=1)
+    eager_model, eager = run(tmp_path, byte_tokens, cfg, "eager-run")
+    compiled_model, compiled = run(tmp_path, byte_tokens, dataclasses.replace(cfg, compile=True), "compiled-run")
+    assert [h["train_loss"] for h in compiled.history] == pytest.approx(
+        [h["train_loss"] for h in eager.history], abs=1e-4)
+    assert compiled.best_val_loss == pytest.approx(eager.best_val_loss, abs=1e-4)
+    for (name, a), b in zip(eager_model.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
