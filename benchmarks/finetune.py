@@ -153,6 +153,7 @@ def run(ctx: Context) -> dict[str, Any]:
     peft_missing = missing("peft") or missing("transformers")
     if peft_missing is None:
         configs.append(PEFT)
+    torch._dynamo.reset()   # compile afresh, not on top of row 1's compiled graphs
     timed = configs + [LORA_DROP]
     if ctx.compile:
         timed += [LORA_COMPILE] + ([PEFT_COMPILE] if peft_missing is None else [])

@@ -9,8 +9,8 @@ from typing import Any
 DETAILS = {
     "training": [("step_ms", "ms/step")],
     "utilisation": [("model_gflops", "model GFLOP/s"), ("peak_gflops", "peak GFLOP/s")],
-    "generation": [("same_tokens", "same tokens")],
-    "finetune": [("trainable", "trainable"), ("train_mb", "train MB")],
+    "generation": [("same_tokens", "same tokens"), ("same_tokens_as_minilm_fp32", "same tokens as minilm fp32")],
+    "finetune": [("trainable", "trainable"), ("train_mb", "train MB"), ("first_call_s", "first call s")],
     "quality": [("precision", "precision"), ("steps", "steps")],
     "pipeline": [("in_run_s", "in run s"), ("overhead_s", "overhead s")],
 }

@@ -55,6 +55,7 @@ def measure(ctx: Context, shape: Shape) -> dict[str, Any]:
     key = ("training", shape.name)
     if key in ctx.memo:
         return ctx.memo[key]
+    torch._dynamo.reset()   # each shape compiles afresh: no pile-up of recompiles towards dynamo's limit
     batch, cfg = random_batch(shape), train_config()
     hf_missing = missing("transformers")
     fns = {}

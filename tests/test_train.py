@@ -18,7 +18,7 @@ from minilm.ema import EMA
 from minilm.errors import TrainingError
 from minilm.model import GPT
 from minilm.schedule import lr_at
-from minilm.train import accumulate_gradients, build_optimizer, evaluate_loss, train
+from minilm.train import accumulate_gradients, build_optimizer, evaluate_loss, token_loss_sum, train
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +291,25 @@ def test_compile_trains_like_eager(tmp_path, byte_tokens):
     assert compiled.best_val_loss == pytest.approx(eager.best_val_loss, abs=1e-4)
     for (name, a), b in zip(eager_model.state_dict().items(), compiled_model.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_compiled_loss_traces_once_across_sft_lengths():
+    """SFT batches are padded to their longest example, so lengths vary step to step: the compiled
+    model-plus-loss (what ``compile: true`` runs) must not recompile per length, and must equal eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]   # counters outlive reset()
+    loss_fn = torch.compile(token_loss_sum, backend="eager")   # dynamo only: cheap, and it is what recompiles
+    g = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for T in (8, 12, 16, 20, 24, 28):
+            x = torch.randint(0, 256, (2, T), generator=g)
+            y = torch.randint(0, 256, (2, T), generator=g)
+            y[:, : T // 2] = -100                                # prompt positions carry no loss
+            assert loss_fn(model, x, y, {}).item() == pytest.approx(token_loss_sum(model, x, y, {}).item(),
+                                                                     rel=1e-6)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    torch._dynamo.reset()
+    assert frames <= 3, f"compiled {frames} graphs for 6 lengths"
