@@ -41,7 +41,9 @@ from conftest import wait_for_mlflow_server
 
 pytestmark = pytest.mark.slow
 
-PRETRAIN_STEPS, SFT_STEPS = 60, 40
+# room after the last interruption: a tiny model in bf16 runs a step in a few ms, so a signal sent 50 ms
+# after a save can land tens of steps later
+PRETRAIN_STEPS, SFT_STEPS = 100, 60
 FAULT = merge(TINY, {
     "data": {"corpus": "corpus_src.txt"},
     # `last` at every evaluation (10, 20, ...); one thread each, so two runs share the 2 cores
@@ -205,7 +207,7 @@ def pretrain_runs(prepared, tmp_path_factory):
     try:
         stops = [
             interrupt(chain, "pretrain", signal.SIGKILL, after_step=10),               # first `last`
-            interrupt(chain, "pretrain", signal.SIGTERM, after_step=20, delay=0.2),    # between saves
+            interrupt(chain, "pretrain", signal.SIGTERM, after_step=20, delay=0.05),   # between saves
             interrupt(chain, "pretrain", signal.SIGKILL, after_step=40, delay=0.05),   # mid-step
         ]
         # what a kill in the middle of saving `last` leaves: the rerun must clear it
@@ -226,7 +228,7 @@ def sft_runs(pretrain_runs, tmp_path_factory):
     try:
         stops = [
             interrupt(chain, "sft", signal.SIGKILL, after_step=10),
-            interrupt(chain, "sft", signal.SIGINT, after_step=20, delay=0.2),
+            interrupt(chain, "sft", signal.SIGINT, after_step=20, delay=0.05),
         ]
         stage(chain, "sft")
     finally:
