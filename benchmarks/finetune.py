@@ -53,21 +53,15 @@ def _trainable(model: torch.nn.Module) -> int:
 def build(config: str, shape: Shape, precision: str) -> tuple[Callable[[], float], int]:
     """(training step, trainable parameter count) of one configuration, from the same initial weights."""
     model, batch, cfg = build_model(shape), random_batch(shape), train_config()
-    if config == LORA_COMPILE:
-        from minilm.lora import inject_lora, mark_only_lora_trainable
-
-        inject_lora(model, LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=list(TARGETS)))
-        mark_only_lora_trainable(model)
-        return minilm_step(model, batch, cfg, precision, compile=True), _trainable(model)
     if config == FULL:
         return minilm_step(model, batch, cfg, precision), _trainable(model)
-    if config in (LORA, LORA_DROP):
+    if config in (LORA, LORA_DROP, LORA_COMPILE):
         from minilm.lora import inject_lora, mark_only_lora_trainable
 
         dropout = 0.05 if config == LORA_DROP else DROPOUT
         inject_lora(model, LoRAConfig(rank=RANK, alpha=ALPHA, dropout=dropout, targets=list(TARGETS)))
         mark_only_lora_trainable(model)
-        return minilm_step(model, batch, cfg, precision), _trainable(model)
+        return minilm_step(model, batch, cfg, precision, compile=config == LORA_COMPILE), _trainable(model)
     if config in (PEFT, PEFT_COMPILE):
         import transformers
         from peft import LoraConfig, get_peft_model

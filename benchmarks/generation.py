@@ -54,7 +54,7 @@ def _same(a: list[list[int]], b: list[list[int]]) -> float:
 def run(ctx: Context) -> dict[str, Any]:
     import copy
 
-    from minilm.precision import inference_dtype
+    from minilm.precision import DTYPES, inference_dtype
 
     new, prompt_len = (32, 8) if ctx.quick else (256, 16)
     shape = replace(TINY_B, context_length=64) if ctx.quick else replace(TEN_M, name="10M",
@@ -62,7 +62,7 @@ def run(ctx: Context) -> dict[str, Any]:
     batches = (1, 2) if ctx.quick else (1, 8)
     auto = inference_dtype("auto", torch.device("cpu"))     # what the generate stage decodes in
     dtypes = [torch.float32] + ([auto] if auto != torch.float32 else [])
-    dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    dname = {dt: name for name, dt in DTYPES.items()}
     model = build_model(shape).eval()
     ours = {dt: model if dt == torch.float32 else copy.deepcopy(model).to(dt) for dt in dtypes}
     hf_missing = missing("transformers")
@@ -109,11 +109,11 @@ def run(ctx: Context) -> dict[str, Any]:
                                   **extra))
                 continue
             other = f"transformers {dname[dt]}"
-            same = _same(fns[mine](), fns[other]()[:, prompt_len:].tolist())
+            mine_ids = fns[mine]()
+            same = _same(mine_ids, fns[other]()[:, prompt_len:].tolist())
+            extra_dt = {}
             if dt != torch.float32:   # what decoding in a lower precision changes in minilm's own output
-                extra_dt = {"same_tokens_as_minilm_fp32": _same(fns[mine](), fns["minilm fp32"]())}
-            else:
-                extra_dt = {}
+                extra_dt["same_tokens_as_minilm_fp32"] = _same(mine_ids, fns["minilm fp32"]())
             lines.append(line(f"batch {B} {mine} KV cache", "decode tokens/s", median(decode[mine]),
                               baseline_name=f"{other} generate", baseline=median(decode[other]),
                               ratio=median_ratio(decode[mine], decode[other]), same_tokens=same,

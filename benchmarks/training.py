@@ -35,14 +35,11 @@ def gemm(n: int, dtype: torch.dtype):
 
 def with_backend(name: str, step):
     """``step`` run with minilm's attention kernel forced to ``name``."""
-    from minilm.model import set_attention_backend
+    from minilm.model import attention_backend
 
     def run():
-        previous = set_attention_backend(name)
-        try:
+        with attention_backend(name):
             return step()
-        finally:
-            set_attention_backend(previous)
     return run
 
 

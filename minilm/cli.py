@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
-from .config import SampleConfig, build
+from .config import Precision, SampleConfig, build
 from .errors import CheckpointError, ConfigError, DataError, MinilmError
 
 
@@ -67,7 +67,7 @@ def sample_parser() -> argparse.ArgumentParser:
                     "(blank lines skipped)")
     io.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where to run: auto = cuda when available, else cpu")
-    io.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    io.add_argument("--precision", choices=get_args(Precision), default="auto",
                     help="weights while decoding: auto = bf16 where the hardware has it natively "
                          "(decoding reads every weight per token; bf16 halves that), else fp32")
     io.add_argument("--ema", action="store_true",

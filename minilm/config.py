@@ -22,6 +22,9 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
+Precision = Literal["auto", "fp32", "bf16", "fp16"]   # training (autocast) and decoding (weights)
+
+
 # generic machinery
 
 
@@ -278,7 +281,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0            # 0 = off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     ema_decay: float = 0.0            # 0 = no EMA
     ema_for_eval: bool = True         # evaluate (and pick `best`) with the EMA weights when EMA is on
     eval_every: int = 100

@@ -9,7 +9,9 @@ sequential-layout model to transformers is a copy of the state dict.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,15 +67,19 @@ _BACKENDS = ("auto", "sdpa", "matmul")
 _backend = "auto"
 
 
-def set_attention_backend(name: str) -> str:
-    """Choose how attention is computed: ``"sdpa"`` (``F.scaled_dot_product_attention``), ``"matmul"``
-    (explicit batched matmuls and a softmax) or ``"auto"`` (matmul for bf16 on CPU, SDPA otherwise).
-    Returns the previous setting. Both give the same result up to rounding (tests/test_model.py)."""
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Compute attention with ``"sdpa"`` (``F.scaled_dot_product_attention``), ``"matmul"`` (explicit
+    batched matmuls and a softmax) or ``"auto"`` (matmul for bf16 on CPU, SDPA otherwise, the default)
+    inside the block. Both give the same result up to rounding (tests/test_model.py)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"attention backend must be one of {_BACKENDS}, got {name!r}")
     previous, _backend = _backend, name
-    return previous
+    try:
+        yield
+    finally:
+        _backend = previous
 
 
 def _use_matmul(q: torch.Tensor) -> bool:

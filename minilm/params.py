@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ModelConfig, SampleConfig, TokenizerConfig, TrainConfig, build, load_yaml, suggest
+from .config import ModelConfig, Precision, SampleConfig, TokenizerConfig, TrainConfig, build, load_yaml, suggest
 from .errors import ConfigError
 
 
@@ -55,7 +55,7 @@ class EvaluateConfig:
 class GenerateConfig(SampleConfig):
     prompts: list[str] = field(default_factory=lambda: ["The"])
     sft_questions: int = 8             # held-out SFT instructions answered by the fine-tuned model
-    precision: str = "auto"            # weights while decoding: auto (bf16 where native) | fp32 | bf16 | fp16
+    precision: Precision = "auto"      # weights while decoding: auto (bf16 where native) | fp32 | bf16 | fp16
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -63,8 +63,6 @@ class GenerateConfig(SampleConfig):
             p.append("prompts must list at least one prompt")
         if self.sft_questions < 0:
             p.append(f"sft_questions must be >= 0, got {self.sft_questions}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            p.append(f"precision must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
         return p
 
 

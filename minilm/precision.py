@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import get_args
 
 import torch
 
+from .config import Precision
 from .errors import ConfigError
 
 
@@ -39,8 +41,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16 or "
-                          "fp32 on CPU")
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return precision
 
 
@@ -51,14 +52,12 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The weight dtype for decoding: 'auto' -> bf16 where the hardware does bf16 natively (decoding is
     bound by reading the weights, and bf16 halves that: benchmarks row 3), else fp32 (fp16 weights without
     autocast can overflow a model trained in fp32/bf16, so only an explicit 'fp16' gives them)."""
-    if precision not in ("auto", *DTYPES):
-        raise ConfigError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if precision == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
-        return torch.bfloat16 if native else torch.float32
-    return DTYPES[precision]
+    if precision not in get_args(Precision):
+        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(get_args(Precision))}")
+    resolved = resolve_precision(precision, device)    # refuses fp16 off CUDA
+    if precision == "auto" and resolved == "fp16":
+        resolved = "fp32"
+    return DTYPES[resolved]
 
 
 def autocast(device: torch.device, precision: str):

@@ -181,6 +181,8 @@ CASES = {
                        ("pretrain.lr must be a number, got 'fast'",)),
     "wrong-type-bool": Case("pretrain", params({"project": {"progress": "yes"}}),
                             ("project.progress must be true/false, got 'yes'",)),
+    "not-a-choice": Case("generate", params({"generate": {"precision": "int8"}}),
+                         ("generate.precision must be 'auto' | 'fp32' | 'bf16' | 'fp16', got 'int8'",)),
     "out-of-range": Case("sft", params({"lora": {"dropout": 1.5}}),
                          ("lora.dropout must be in [0, 1), got 1.5",)),
     "out-of-range-steps": Case("pretrain", params({"pretrain": {"max_steps": 0}}),

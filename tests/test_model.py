@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from minilm.checkpoint import load_model, save_checkpoint
 from minilm.config import ModelConfig, build
 from minilm.errors import CheckpointError, ConfigError
-from minilm.model import GPT, KVCache, apply_rope, attention, lm_loss, rope_cache, set_attention_backend
+from minilm.model import GPT, KVCache, apply_rope, attention, attention_backend, lm_loss, rope_cache
 
 V = 61
 
@@ -34,9 +34,8 @@ close = dict(atol=1e-5, rtol=1e-4)
 @pytest.fixture(params=["sdpa", "matmul"])
 def backend(request):
     """Run a parity test under both attention kernels."""
-    previous = set_attention_backend(request.param)
-    yield request.param
-    set_attention_backend(previous)
+    with attention_backend(request.param):
+        yield request.param
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,11 +388,8 @@ def _qkv(B, H, Hkv, Tq, Tk, hd=16, dtype=torch.float32):
 def _both(fn):
     outs = []
     for name in ("sdpa", "matmul"):
-        previous = set_attention_backend(name)
-        try:
+        with attention_backend(name):
             outs.append(fn())
-        finally:
-            set_attention_backend(previous)
     return outs
 
 
@@ -420,11 +416,8 @@ def test_matmul_attention_equals_sdpa_values_and_gradients(Hkv, case):
 def test_matmul_attention_in_bf16_matches_fp32_within_bf16_rounding():
     q, k, v = _qkv(2, 4, 2, 32, 32, hd=32)
     ref = attention(q, k, v, is_causal=True)
-    previous = set_attention_backend("auto")       # bf16 on CPU takes the matmul path
-    try:
+    with attention_backend("auto"):                # bf16 on CPU takes the matmul path
         out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
-    finally:
-        set_attention_backend(previous)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.detach(), atol=3e-2, rtol=3e-2)
 
@@ -432,12 +425,9 @@ def test_matmul_attention_in_bf16_matches_fp32_within_bf16_rounding():
 def test_matmul_attention_dropout_zeroes_and_rescales():
     q, k, v = _qkv(1, 1, 1, 6, 6)
     v = torch.ones_like(v)
-    previous = set_attention_backend("matmul")
-    try:
+    with attention_backend("matmul"):
         torch.manual_seed(0)
         y = attention(q, k, v, is_causal=True, dropout_p=0.5)
-    finally:
-        set_attention_backend(previous)
     # with v = 1 every output is sum of kept probabilities / (1 - p): not all 1, mean about 1
     assert not torch.allclose(y, torch.ones_like(y))
     assert 0.3 < y.mean().item() < 1.7
@@ -462,17 +452,24 @@ def test_bf16_model_forward_and_loss_agree_across_backends():
 def test_is_causal_needs_square_attention():
     q, k, v = _qkv(1, 2, 2, 3, 5)
     for name in ("sdpa", "matmul"):
-        previous = set_attention_backend(name)
-        try:
-            with pytest.raises(ValueError, match="is_causal needs as many queries as keys"):
-                attention(q, k, v, is_causal=True)
-        finally:
-            set_attention_backend(previous)
+        with attention_backend(name), pytest.raises(ValueError, match="is_causal needs as many queries"):
+            attention(q, k, v, is_causal=True)
+
+
+def test_attention_backend_is_restored_after_the_block():
+    from minilm import model as m
+
+    with pytest.raises(RuntimeError):
+        with attention_backend("matmul"):
+            assert m._backend == "matmul"
+            raise RuntimeError
+    assert m._backend == "auto"
 
 
 def test_unknown_attention_backend_is_refused():
     with pytest.raises(ValueError, match="attention backend"):
-        set_attention_backend("flash")
+        with attention_backend("flash"):
+            pass
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2])
@@ -499,14 +496,10 @@ def test_compiled_matmul_attention_does_not_recompile_per_length():
     model = tiny(n_kv_head=2)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]   # counters outlive reset()
     compiled = torch.compile(model, backend="eager")     # dynamo only: cheap, and it is what recompiles
-    previous = set_attention_backend("matmul")
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for T in (8, 12, 16, 20, 24, 28):
-                x = ids(2, T, seed=T)
-                torch.testing.assert_close(compiled(x).float(), model(x).float(), atol=2e-2, rtol=2e-2)
-    finally:
-        set_attention_backend(previous)
+    with attention_backend("matmul"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for T in (8, 12, 16, 20, 24, 28):
+            x = ids(2, T, seed=T)
+            torch.testing.assert_close(compiled(x).float(), model(x).float(), atol=2e-2, rtol=2e-2)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
     torch._dynamo.reset()
     assert frames <= 3, f"compiled {frames} graphs for 6 lengths"
