@@ -211,7 +211,7 @@ def threads_info() -> dict[str, Any]:
 def machine_info() -> dict[str, Any]:
     """minilm's run record (CPU, cores, versions, git state) plus the threads torch uses."""
     from minilm.precision import resolve_precision
-    from minilm.runinfo import run_info
+    from stages.runinfo import run_info
 
     info = run_info(repo_dir=ROOT)
     info.update(threads_info())

@@ -22,11 +22,11 @@ from torch import nn
 
 from .config import ModelConfig, from_dict, to_dict
 from .errors import CheckpointError
-from .fileio import _io_error, atomic_replace, temp_path_beside
+from .fileio import _io_error, atomic_replace, check_safetensors_file, short_error, temp_path_beside
+from .model import unwrap_compiled
 
 FORMAT = "minilm-checkpoint"
 VERSION = 1
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickle, zip (torch.save)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Checkpoint:
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with ``_orig_mod.`` (torch.compile) stripped and a tied ``lm_head``
     dropped (it is the embedding; :func:`load_model_state` ties it back)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_compiled(model)
     sd = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_embeddings", False):
@@ -55,7 +55,7 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_compiled(model)
     cfg = getattr(model, "config", None)
     tied = cfg is not None and getattr(cfg, "tie_embeddings", False)
     state = dict(state)
@@ -65,7 +65,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, strict
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:     # shape mismatches raise even with strict=False
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
-                      _short(err))
+                      short_error(err))
         raise CheckpointError(f"checkpoint weights do not fit the model ({detail[:240]}); the checkpoint "
                               "was made for another model config, or its stored config was edited") from None
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
@@ -112,7 +112,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, step: int = 0,
     from safetensors.torch import save_file
 
     path = Path(path)
-    base = getattr(model, "_orig_mod", model)
+    base = unwrap_compiled(model)
     weights = state if state is not None else model_state(base)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in weights.items()}
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": int(step),
@@ -181,7 +181,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("minilm")
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path} is corrupt or truncated ({_short(err)}); delete it and rerun "
+        raise CheckpointError(f"{path} is corrupt or truncated ({short_error(err)}); delete it and rerun "
                               "the stage that makes it") from None
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a minilm checkpoint (no 'minilm' "
@@ -213,7 +213,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 elif prefix in groups:
                     groups[prefix][rest] = f.get_tensor(key)
     except Exception as err:
-        raise CheckpointError(f"{path} is corrupt or truncated ({_short(err)}); delete it and rerun "
+        raise CheckpointError(f"{path} is corrupt or truncated ({short_error(err)}); delete it and rerun "
                               "the stage that makes it") from None
     expected = meta.get("tensors_sha256")
     if expected is not None:
@@ -276,25 +276,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, u
 
 
 def _check_file(path: Path) -> Path:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found; run the stage that writes it first "
-                              "(e.g. `dvc repro pretrain`) or fix the path")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; point to a checkpoint file (*.safetensors)")
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) < 9:
-        raise CheckpointError(f"{path} is empty or truncated; delete it and rerun the stage that "
-                              "makes it")
-    if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
-        return path
-    if head.startswith(_PICKLE_MAGIC):
-        raise CheckpointError(f"{path} is a pickle/torch.save file; minilm loads only safetensors "
-                              "checkpoints and never unpickles (it could run code)")
-    raise CheckpointError(f"{path} is not a safetensors checkpoint (unknown format); point to a file "
-                          "written by minilm")
-
-
-def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text[:160]
+    return check_safetensors_file(path, "checkpoint", fix="delete it and rerun the stage that makes it",
+                                  missing="run the stage that writes it first (e.g. `dvc repro pretrain`) "
+                                          "or fix the path")

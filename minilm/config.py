@@ -1,165 +1,24 @@
-"""Typed configuration: dataclasses that mirror params.yaml, and their validation.
+"""Typed configuration: dataclasses that mirror params.yaml sections the library uses.
 
-Every section of params.yaml is read through :func:`build`, which refuses unknown keys (suggesting the
-closest valid one), checks each value's type against the dataclass annotation, then runs the class's
-``problems()`` for ranges and cross-field invariants. All problems are reported together in one line.
+Each is built and validated by :func:`minilm.schema.build` (unknown keys, types, then the class's
+``problems()``). Nothing here imports torch, so reading params is cheap.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-import types
+import string
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Literal
 
 from .errors import ConfigError
+from .schema import build, from_dict, load_yaml, positive as _positive, suggest, to_dict
 
-T = TypeVar("T")
+__all__ = ["ModelConfig", "TokenizerConfig", "TrainConfig", "SampleConfig", "LoRAConfig", "SFTConfig",
+           "DataConfig", "Precision", "build", "from_dict", "to_dict", "load_yaml", "suggest"]
 
-
-# --------------------------------------------------------------------------------------------------
 Precision = Literal["auto", "fp32", "bf16", "fp16"]   # training (autocast) and decoding (weights)
-
-
-# generic machinery
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        (inner,) = get_args(tp) or (Any,)
-        return f"a list of {_type_name(inner)}"
-    if tp is type(None):
-        return "null"
-    if tp is float:
-        return "a number"
-    if tp is int:
-        return "an integer"
-    if tp is bool:
-        return "true/false"
-    if tp is str:
-        return "a string"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, value) where value is converted to ``tp`` when that is lossless."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin is Literal:
-        return (value in get_args(tp)), value
-    if origin in (typing.Union, types.UnionType):
-        for arg in get_args(tp):
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is list:
-        (inner,) = get_args(tp) or (Any,)
-        if not isinstance(value, list):
-            return False, value
-        out = []
-        for item in value:
-            ok, v = _coerce(item, inner)
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    if origin is dict:
-        return isinstance(value, dict), value
-    return isinstance(value, tp), value
-
-
-def suggest(name: str, valid: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest valid name, or ''."""
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def build(cls: type[T], data: Any, section: str, *, source: str = "params.yaml",
-          allow_derived: bool = False) -> T:
-    """Build dataclass ``cls`` from a mapping, validating keys, types and values.
-
-    Raises :class:`ConfigError` with every problem found, in one line.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: section {section!r} must be a mapping of keys to values, got "
-                          f"{type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    derived: dict[str, str] = {} if allow_derived else getattr(cls, "_derived", {})
-    problems: list[str] = []
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        key = str(key)
-        if key in derived:
-            problems.append(f"{section}.{key} is not set here: it comes from {derived[key]}")
-            continue
-        if key not in fields:
-            valid = [k for k in fields if k not in derived]
-            problems.append(f"unknown key {section}.{key}{suggest(key, valid)}; valid keys: "
-                            f"{', '.join(sorted(valid))}")
-            continue
-        ok, coerced = _coerce(value, hints[key])
-        if not ok:
-            problems.append(f"{section}.{key} must be {_type_name(hints[key])}, got {value!r}")
-            continue
-        kwargs[key] = coerced
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    obj = cls(**kwargs)
-    check = getattr(obj, "problems", None)
-    if check is not None:
-        problems = [f"{section}.{p}" for p in check()]
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(problems))
-    return obj
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as a plain dict of its init fields (JSON- and YAML-friendly)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
-
-
-def from_dict(cls: type[T], data: dict[str, Any], section: str = "config",
-              source: str = "checkpoint") -> T:
-    """Rebuild a dataclass saved with :func:`to_dict` (validated the same way)."""
-    return build(cls, data, section, source=source, allow_derived=True)
-
-
-def _positive(problems: list[str], obj: Any, *names: str, allow_zero: bool = False) -> None:
-    for name in names:
-        v = getattr(obj, name)
-        if v is None:
-            continue
-        if (v < 0) if allow_zero else (v <= 0):
-            problems.append(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
-
 
 # --------------------------------------------------------------------------------------------------
 # model
@@ -350,27 +209,139 @@ class SampleConfig:
         return p
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a params file: a mapping of sections, with one-line errors for every way it can be wrong."""
-    import yaml
+# --------------------------------------------------------------------------------------------------
+# LoRA
 
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"params file {path} not found; pass --params PATH or create it (see README)")
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """Adapter shape. ``targets`` are module-name suffixes (``"q_proj"``, ``"mlp.up_proj"``) or the single
+    entry ``"all-linear"`` (every linear layer in the blocks)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0              # PEFT's default; drawing masks on CPU is costly (benchmarks row 4)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rslora: bool = False              # scaling alpha / sqrt(rank) instead of alpha / rank
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.rank <= 0:
+            p.append(f"rank must be > 0, got {self.rank}")
+        if self.alpha <= 0:
+            p.append(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            p.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            p.append(f"targets must name at least one module (e.g. {list(DEFAULT_TARGETS)} or "
+                     f"['{ALL_LINEAR}'])")
+        if any(not t or t != t.strip() for t in self.targets):
+            p.append("targets must not contain empty strings or surrounding spaces")
+        if ALL_LINEAR in self.targets and len(self.targets) > 1:
+            p.append(f"'{ALL_LINEAR}' must be the only entry of targets, got {self.targets}")
+        if len(set(self.targets)) != len(self.targets):
+            p.append(f"targets has duplicates: {self.targets}")
+        return p
+
+    def validate(self) -> "LoRAConfig":
+        problems = self.problems()
+        if problems:
+            raise ConfigError("lora config: " + "; ".join(problems))
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# supervised fine-tuning
+
+DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """A fine-tuning run: the training loop's settings (with fine-tuning defaults) plus how pairs become
+    sequences."""
+
+    max_steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3                  # LoRA trains few, zero-started weights: a higher lr than full FT
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0         # decay would pull the adapter towards "no change"
+    eval_every: int = 50
+    eval_batches: int = 10
+    template: str = DEFAULT_TEMPLATE  # the prompt; the response follows it directly
+    response_only: bool = True        # loss on response + EOS only (False: on every token after BOS)
+    max_length: int = 0               # positions the model reads per example; 0 = its context_length
+    overlong: Literal["truncate", "drop"] = "truncate"
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if self.max_length < 0:
+            p.append(f"max_length must be >= 0 (0 = the model's context_length), got {self.max_length}")
+        p.extend(template_problems(self.template))
+        return p
+
+    def prompt(self, instruction: str) -> str:
+        return self.template.format(instruction=instruction)
+
+
+def template_problems(template: str) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not valid UTF-8 (byte {err.start}); save it as UTF-8") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
-    if data is None:
-        raise ConfigError(f"{path} is empty; it must hold the params sections (see README)")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping of sections (e.g. 'model:'), got "
-                          f"{type(data).__name__}")
-    return data
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        return [f"template is not a valid format string ({err}); write literal braces as {{{{ and }}}}"]
+    fields = [name for _, name, _, _ in parts if name is not None]
+    if fields != ["instruction"]:
+        return [f"template must contain the field {{instruction}} exactly once and no other field, got "
+                f"{fields}; write literal braces as {{{{ and }}}}"]
+    # parse() yields (text before a field, field, ...): the prompt's tail is the text after the field
+    k = next(i for i, part in enumerate(parts) if part[1] is not None)
+    tail = "".join(text for text, _, _, _ in parts[k + 1:])
+    if not tail.strip():
+        return ["template must end with a response marker after {instruction} (e.g. "
+                "'\\n\\n### Response:\\n') so the model can tell where the answer starts"]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class DataConfig:
+    """Where the pretraining corpus and the SFT pairs come from (params.yaml ``data:``)."""
+
+    corpus: str = "stdlib"                 # "stdlib" or a UTF-8 text file / directory of them
+    corpus_max_mb: float = 0               # 0 = all; else cap, cut at a document boundary
+    sft: str = "chatterbot"                # "chatterbot" or a .jsonl/.json/.csv/.parquet/.txt file
+    instruction_field: str = "instruction"
+    response_field: str = "response"
+    sft_val_fraction: float = 0.1
+    invalid_utf8: Literal["error", "replace"] = "error"
+    bad_records: Literal["error", "skip"] = "error"
+    seed: int = 1337
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not self.corpus.strip():
+            p.append("corpus must be 'stdlib' or a path, got an empty string")
+        if not self.sft.strip():
+            p.append("sft must be 'chatterbot' or a path, got an empty string")
+        if self.corpus_max_mb < 0:
+            p.append(f"corpus_max_mb must be >= 0 (0 = no cap), got {self.corpus_max_mb}")
+        if not 0.0 < self.sft_val_fraction < 1.0:
+            p.append(f"sft_val_fraction must be in (0, 1), got {self.sft_val_fraction}")
+        if not self.instruction_field or not self.response_field:
+            p.append("instruction_field and response_field must not be empty")
+        elif self.instruction_field == self.response_field:
+            p.append(f"instruction_field and response_field must differ, both are "
+                     f"{self.instruction_field!r}")
+        return p

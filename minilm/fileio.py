@@ -187,3 +187,37 @@ def safe_join(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
         raise MinilmError(f"path {str(relative)!r} escapes its output directory {root}; use a path "
                           "inside it")
     return target
+
+
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickle, zip (torch.save)
+
+
+def check_safetensors_file(path: str | os.PathLike, kind: str, *, missing: str, fix: str) -> Path:
+    """Refuse, with one line, anything that is not a safetensors file - before any parser sees it.
+
+    ``kind`` names the file ("checkpoint", "adapter"); ``missing`` is the advice when it does not exist,
+    ``fix`` when it is broken. Pickles (and torch.save zips) are named as such: minilm never unpickles.
+    """
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{kind} {path} not found; {missing}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; point to a {kind} file (*.safetensors)")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        raise CheckpointError(f"{path} is empty or truncated; {fix}")
+    if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        return path
+    if head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{path} is a pickle/torch.save file; minilm loads only safetensors {kind}s "
+                              "and never unpickles (it could run code)")
+    raise CheckpointError(f"{path} is not a safetensors {kind} (unknown format); {fix}")
+
+
+def short_error(err: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (or its type), for one-line error reports."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]

@@ -291,15 +291,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def num_parameters(self, *, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:
-        seen, total = set(), 0
-        for name, p in self.named_parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            if exclude_embeddings and name == "model.embed_tokens.weight":
-                continue
-            total += p.numel()
-        return total
+        return count_parameters(self, trainable_only=trainable_only,
+                                exclude=("model.embed_tokens.weight",) if exclude_embeddings else ())
 
     def _rope(self, positions: torch.Tensor | None, start: int, T: int):
         if positions is None:
@@ -373,3 +366,20 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     """Cross-entropy over positions whose target is not -100 (computed in fp32)."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=-100, reduction=reduction)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module under a ``torch.compile`` wrapper (whose state-dict keys carry ``_orig_mod.``)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False, exclude: tuple[str, ...] = ()) -> int:
+    """Distinct parameters (a tied embedding/head counts once), optionally only trainable ones."""
+    seen, total = set(), 0
+    for name, p in unwrap_compiled(model).named_parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        if name not in exclude:
+            total += p.numel()
+    return total

@@ -13,68 +13,19 @@ An example holds at most ``max_length + 1`` tokens, so the model reads at most `
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import DEFAULT_TEMPLATE, SFTConfig, template_problems  # noqa: F401  (re-exported)
 from .errors import ConfigError, DataError
 from .tokenizer import Tokenizer
 from .train import evaluate_loss
 
-DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 IGNORE = -100
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """A fine-tuning run: the training loop's settings (with fine-tuning defaults) plus how pairs become
-    sequences."""
-
-    max_steps: int = 200
-    batch_size: int = 8
-    lr: float = 1e-3                  # LoRA trains few, zero-started weights: a higher lr than full FT
-    min_lr: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0         # decay would pull the adapter towards "no change"
-    eval_every: int = 50
-    eval_batches: int = 10
-    template: str = DEFAULT_TEMPLATE  # the prompt; the response follows it directly
-    response_only: bool = True        # loss on response + EOS only (False: on every token after BOS)
-    max_length: int = 0               # positions the model reads per example; 0 = its context_length
-    overlong: Literal["truncate", "drop"] = "truncate"
-
-    def problems(self) -> list[str]:
-        p = super().problems()
-        if self.max_length < 0:
-            p.append(f"max_length must be >= 0 (0 = the model's context_length), got {self.max_length}")
-        p.extend(template_problems(self.template))
-        return p
-
-    def prompt(self, instruction: str) -> str:
-        return self.template.format(instruction=instruction)
-
-
-def template_problems(template: str) -> list[str]:
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as err:
-        return [f"template is not a valid format string ({err}); write literal braces as {{{{ and }}}}"]
-    fields = [name for _, name, _, _ in parts if name is not None]
-    if fields != ["instruction"]:
-        return [f"template must contain the field {{instruction}} exactly once and no other field, got "
-                f"{fields}; write literal braces as {{{{ and }}}}"]
-    # parse() yields (text before a field, field, ...): the prompt's tail is the text after the field
-    k = next(i for i, part in enumerate(parts) if part[1] is not None)
-    tail = "".join(text for text, _, _, _ in parts[k + 1:])
-    if not tail.strip():
-        return ["template must end with a response marker after {instruction} (e.g. "
-                "'\\n\\n### Response:\\n') so the model can tell where the answer starts"]
-    return []
 
 
 # --------------------------------------------------------------------------------------------------

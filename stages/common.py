@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from minilm.fileio import sha256_file, write_json
-from minilm.params import Params, load_params
+from .params import Params, load_params
 
 DATA = Path("data")
 CORPUS = DATA / "corpus.txt"
@@ -125,7 +125,7 @@ def stage_run(stage: str, params: Params, sections: list[str], *, out_dir: Path,
 
     On success ``out_dir/run.json`` records the run id (read by downstream stages).
     """
-    from minilm.tracking import start_run
+    from .tracking import start_run
 
     read = {name: params.section(name) for name in sections}
     all_tags = {"dvc.stage": stage, **lineage_tags(inputs or {}), **(tags or {})}
@@ -171,7 +171,7 @@ def resumable(out_dir: Path, run_config: dict, max_steps: int) -> tuple[bool, st
 
 def write_curves(history: list[dict[str, Any]], out_dir: Path, title: str) -> None:
     """history.csv (DVC plots) and loss.png (a picture that opens offline) of a training run."""
-    from minilm.plots import plot_curves, write_table_csv
+    from .plots import plot_curves, write_table_csv
 
     write_table_csv(history, out_dir / "history.csv")
     plot_curves(history, out_dir / "loss.png", title=title)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from minilm.checkpoint import check_compatible, load_model
 from minilm.cli import run_main
-from minilm.corpus import read_pairs
+from minilm.pairs import read_pairs
 from minilm.data import LMBatches, load_tokens, read_meta
 from minilm.evaluation import lm_metrics, split_bytes_per_token
 from minilm.fileio import write_json, write_text

@@ -10,7 +10,7 @@ import json
 from minilm.checkpoint import check_compatible, load_model
 from minilm.cli import run_main
 from minilm.config import SampleConfig
-from minilm.corpus import read_pairs
+from minilm.pairs import read_pairs
 from minilm.fileio import write_text
 from minilm.precision import inference_dtype, resolve_device
 from minilm.sampling import generate

@@ -8,10 +8,11 @@ import torch
 
 from minilm.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from minilm.cli import run_main
-from minilm.corpus import read_pairs
+from minilm.pairs import read_pairs
 from minilm.errors import CheckpointError
 from minilm.fileio import sha256_file, write_json
-from minilm.lora import load_adapter, merge_state_dict, read_adapter
+from minilm.adapter import load_adapter, read_adapter
+from minilm.lora import merge_state_dict
 from minilm.model import GPT
 from minilm.tokenizer import load_tokenizer
 

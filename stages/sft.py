@@ -16,9 +16,10 @@ import torch
 from minilm.checkpoint import check_compatible, load_checkpoint, load_model_state
 from minilm.cli import run_main
 from minilm.config import to_dict
-from minilm.corpus import read_pairs
+from minilm.pairs import read_pairs
 from minilm.fileio import sha256_file, write_json
-from minilm.lora import inject_lora, lora_state, mark_only_lora_trainable, save_adapter, trainable_report
+from minilm.adapter import save_adapter
+from minilm.lora import inject_lora, lora_state, mark_only_lora_trainable, trainable_report
 from minilm.model import GPT
 from minilm.precision import resolve_device
 from minilm.sft import SFTBatches, encode_pairs, eval_batches

@@ -112,7 +112,8 @@ def adapter_for_another_shape(repo: Path) -> None:
     """A valid adapter, recorded as made for this very base file, but for a model of another width."""
     from minilm.config import ModelConfig
     from minilm.fileio import sha256_file
-    from minilm.lora import LoRAConfig, inject_lora, save_adapter
+    from minilm.adapter import save_adapter
+    from minilm.lora import LoRAConfig, inject_lora
     from minilm.model import GPT
 
     model = GPT(ModelConfig(vocab_size=384, context_length=64, n_layer=2, n_head=2, d_model=32))
@@ -350,7 +351,7 @@ def test_check_compatible_names_what_differs(done):
 
     from minilm.checkpoint import check_compatible, load_checkpoint
     from minilm.errors import CheckpointError
-    from minilm.params import load_params
+    from stages.params import load_params
     from minilm.tokenizer import load_tokenizer
 
     ckpt = load_checkpoint(done / BASE)

@@ -170,7 +170,7 @@ def test_quick_pipeline_params_are_tiny_and_valid(tmp_path):
     import yaml
 
     from benchmarks.pipeline import _merge, quick_overrides
-    from minilm.params import load_params
+    from stages.params import load_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     tiny = _merge(params, quick_overrides(params))

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from minilm.config import build
-from minilm.corpus import (DataConfig, chatterbot_pairs, file_documents, read_pairs, stdlib_documents,
-                           write_corpus, write_sft)
+from minilm.config import DataConfig
+from minilm.corpus import file_documents, stdlib_documents, write_corpus
+from minilm.pairs import chatterbot_pairs, read_pairs, write_sft
 from minilm.errors import ConfigError, DataError
 from minilm.fileio import sha256_file
 

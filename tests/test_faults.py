@@ -583,7 +583,7 @@ def test_the_planted_pickles_do_run_code_on_a_plain_load(tmp_path):
 def test_planted_malicious_checkpoint_and_adapter_are_refused_without_running(kind, sft_runs, tmp_path):
     from minilm.checkpoint import load_checkpoint, load_model
     from minilm.errors import CheckpointError
-    from minilm.lora import load_adapter, read_adapter
+    from minilm.adapter import load_adapter, read_adapter
     from minilm.model import GPT
 
     repo = copy_repo(sft_runs[0], tmp_path / "repo")
@@ -640,7 +640,8 @@ def test_safe_join_refuses_every_way_out(tmp_path):
 def test_adapter_is_written_only_inside_its_directory(tmp_path):
     """Even with a symlink planted where the adapter goes, nothing outside the adapter dir is written."""
     from minilm.config import ModelConfig
-    from minilm.lora import LoRAConfig, inject_lora, save_adapter
+    from minilm.adapter import save_adapter
+    from minilm.lora import LoRAConfig, inject_lora
     from minilm.model import GPT
 
     model = GPT(ModelConfig(vocab_size=32, context_length=8, n_layer=1, n_head=2, d_model=8))
@@ -658,7 +659,7 @@ def test_adapter_is_written_only_inside_its_directory(tmp_path):
 
 def test_experiment_name_cannot_move_artifacts_out_of_the_store(tmp_path):
     """mlflow.experiment comes from params; the artifact location stays under <db dir>/mlartifacts."""
-    from minilm.tracking import TrackingConfig, start_run
+    from stages.tracking import TrackingConfig, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for name in ("..", "../../etc", "."):

@@ -13,9 +13,9 @@ from torch import nn
 from minilm.checkpoint import load_model_state, model_state
 from minilm.config import ModelConfig, build
 from minilm.errors import CheckpointError, ConfigError
-from minilm.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, inject_lora, load_adapter,
-                         lora_layers, lora_state, mark_only_lora_trainable, merge_lora, merge_state_dict,
-                         merged_model, read_adapter, save_adapter, trainable_report, unmerge_lora)
+from minilm.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter, save_adapter
+from minilm.lora import (LoRAConfig, LoRALinear, inject_lora, lora_layers, lora_state, mark_only_lora_trainable,
+                         merge_lora, merge_state_dict, merged_model, trainable_report, unmerge_lora)
 from minilm.model import GPT
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -339,7 +339,7 @@ def test_missing_corrupt_or_foreign_adapter_files_are_checkpoint_errors(tmp_path
     torch.save(lora_state(model), weights)
     expect("never unpickles")
     weights.write_bytes(b"")
-    expect("empty, truncated")
+    expect("empty or truncated")
     save_file({k: v.contiguous() for k, v in lora_state(model).items()}, str(weights))
     expect("no 'minilm' metadata")
     config.unlink()

@@ -247,7 +247,7 @@ def test_params_keys_named_in_dvc_yaml_exist():
                 for part in k.split("."):
                     assert isinstance(node, dict) and part in node, f"{name}: {k}"
                     node = node[part]
-    from minilm.params import load_params
+    from stages.params import load_params
     load_params(ROOT / "params.yaml")     # the shipped file validates
 
 

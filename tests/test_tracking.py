@@ -20,9 +20,9 @@ import pytest
 
 from minilm.config import build
 from minilm.errors import ConfigError, TrackingError
-from minilm.plots import plot_curves, write_table_csv, write_table_tsv
-from minilm.runinfo import run_info
-from minilm.tracking import TrackingConfig, check_tracking, flatten_params, resolve_uri, start_run
+from stages.plots import plot_curves, write_table_csv, write_table_tsv
+from stages.runinfo import run_info
+from stages.tracking import TrackingConfig, check_tracking, flatten_params, resolve_uri, start_run
 from conftest import wait_for_mlflow_server
 
 

@@ -11,7 +11,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from .fileio import atomic_write
+from minilm.fileio import atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd

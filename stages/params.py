@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ModelConfig, Precision, SampleConfig, TokenizerConfig, TrainConfig, build, load_yaml, suggest
-from .errors import ConfigError
+from minilm.config import (DataConfig, LoRAConfig, ModelConfig, Precision, SampleConfig, SFTConfig,
+                           TokenizerConfig, TrainConfig)
+from minilm.errors import ConfigError
+from minilm.schema import build, load_yaml, suggest
+
+from .tracking import TrackingConfig
 
 
 @dataclass
@@ -67,11 +71,6 @@ class GenerateConfig(SampleConfig):
 
 
 def _sections() -> dict[str, type]:
-    from .corpus import DataConfig
-    from .lora import LoRAConfig
-    from .sft import SFTConfig
-    from .tracking import TrackingConfig
-
     return {
         "project": ProjectConfig,
         "mlflow": TrackingConfig,

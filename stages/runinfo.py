@@ -29,7 +29,7 @@ def _version(dist: str) -> str | None:
         return _version("mlflow-skinny")
     if dist == "minilm":                       # running from a source checkout, not installed
         try:
-            from . import __version__
+            from minilm import __version__
             return __version__
         except Exception:
             return None

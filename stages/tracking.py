@@ -5,7 +5,7 @@ One stage = one MLflow run, named after the stage, in the experiment ``cfg.exper
 - params are flattened (``{"model": {"d_model": 64}}`` -> ``model.d_model``);
 - tags: ``minilm.stage``, the git commit (also as ``mlflow.source.git.commit``), ``dvc.exp_name`` /
   ``dvc.baseline_rev`` / ``dvc.stage`` when DVC set ``DVC_EXP_NAME`` / ``DVC_EXP_BASELINE_REV`` /
-  ``DVC_STAGE``, ``minilm.info.*`` from :func:`minilm.runinfo.run_info`, and the caller's tags;
+  ``DVC_STAGE``, ``minilm.info.*`` from :func:`stages.runinfo.run_info`, and the caller's tags;
 - metrics are buffered and sent with ``log_batch`` every ``flush_every`` records and at close.
 
 Grouping: ``group="<name>"`` nests the stage run under a parent run named ``pipeline:<name>`` that
@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import TrackingError
-from .fileio import safe_join
+from minilm.errors import TrackingError
+from minilm.fileio import safe_join
+
 from .runinfo import run_info
 
 DEFAULT_URI = "sqlite:///mlflow.db"
