@@ -132,9 +132,10 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4              # floor of the cosine decay
     warmup_steps: int = 100
-    schedule: Literal["cosine", "cosine_restarts", "constant"] = "cosine"
+    schedule: Literal["cosine", "cosine_restarts", "constant", "wsd"] = "cosine"
     restart_period: int = 500         # first cycle length (steps after warmup), cosine_restarts
     restart_mult: float = 1.0         # each cycle is this many times longer than the last
+    decay_fraction: float = 0.2       # wsd: the last fraction of max_steps decays linearly to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -163,6 +164,8 @@ class TrainConfig:
             p.append(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.restart_mult < 1.0:
             p.append(f"restart_mult must be >= 1, got {self.restart_mult}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            p.append(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

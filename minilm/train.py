@@ -16,9 +16,11 @@ files a killed save left behind are removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,13 +31,13 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import TrainConfig, to_dict
+from .config import TrainConfig
 from .ema import EMA
 from .errors import TrainingError
 from .fileio import check_writable, remove_stale_temps
 from .model import lm_loss
 from .precision import autocast, resolve_precision
-from .schedule import lr_at
+from .schedule import decay_start, lr_at
 
 Batch = Sequence[Any]  # (x, y) or (x, y, forward_kwargs)
 
@@ -54,6 +56,7 @@ class TrainResult:
     best_val_loss: float
     last_val_loss: float
     history: list[dict[str, float]] = field(default_factory=list)   # one row per log/eval step
+    throughput: list[dict[str, float]] = field(default_factory=list)  # tokens/s per logged step
     resumed_from: int = 0           # step the run continued from (0 = fresh)
     skipped_steps: int = 0          # non-finite steps skipped (nonfinite: skip)
     interrupted: bool = False       # stopped early by SIGINT/SIGTERM (``last`` was saved)
@@ -160,188 +163,345 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+# --------------------------------------------------------------------------------------------------
+# the state a run carries from step to step, and its checkpoints
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly where it stopped.
+
+    ``history`` holds what a run computes (losses, lr, gradient norm): the same on every run of the same
+    params. ``throughput`` holds what it measured (tokens/s): it stays out of ``best`` and of any file a
+    pipeline caches.
+    """
+
+    step: int = 0
+    best_val: float = math.inf
+    last_val: float = math.nan
+    skipped: int = 0
+    window_loss: float = 0.0          # the partial train-loss average since the last logged row
+    window_n: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    throughput: list[dict[str, float]] = field(default_factory=list)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"best_val": self.best_val, "last_val": self.last_val, "skipped": self.skipped,
+                "window": [self.window_loss, self.window_n], "history": self.history,
+                "throughput": self.throughput}
+
+    @classmethod
+    def from_meta(cls, step: int, meta: dict[str, Any]) -> "TrainState":
+        window = meta.get("window", [0.0, 0])
+        return cls(step=step, best_val=meta.get("best_val", math.inf), last_val=meta.get("last_val", math.nan),
+                   skipped=meta.get("skipped", 0), window_loss=float(window[0]), window_n=int(window[1]),
+                   history=meta.get("history", []), throughput=meta.get("throughput", []))
+
+
+@dataclass
+class _Checkpoints:
+    """``last`` (everything needed to resume, plus ``last_extra``) and ``best`` (the weights and what
+    describes them: no optimizer, no timings, no run ids - a pure function of params, data and seed)."""
+
+    out_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    scaler: torch.amp.GradScaler | None
+    run_config: dict[str, Any]
+    save_state: Callable[[nn.Module], dict[str, torch.Tensor]]
+    extra: dict[str, Any]
+    last_extra: dict[str, Any]
+    precision: str
+    on_checkpoint: Callable[[str, Path], None] | None = None
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / "best.safetensors"
+
+    @property
+    def stable(self) -> Path:
+        return self.out_dir / "stable.safetensors"
+
+    def save_last(self, state: TrainState, cfg: TrainConfig, kind: str = "last") -> None:
+        """``last`` (or, with ``kind="stable"``, WSD's branch point): the whole state of the run."""
+        train_state = dict(state.to_meta(), ema_updates=self.ema.updates if self.ema else 0,
+                           precision=self.precision, decay_start=decay_start(cfg),
+                           max_steps=cfg.max_steps)
+        if self.scaler is not None:
+            train_state["scaler"] = self.scaler.state_dict()
+        extra = dict(self.extra, **self.last_extra, train_state=train_state, kind=kind)
+        ckpt_io.save_checkpoint(self.last if kind == "last" else self.stable, self.model, step=state.step,
+                                config=self.run_config, state=self.save_state(self.model),
+                                optimizer=self.optimizer, rng=True,
+                                ema_state=self.ema.state_dict() if self.ema else None, extra=extra)
+        self._saved(kind)
+
+    def save_best(self, state: TrainState, swap_ema: bool) -> None:
+        extra = dict(self.extra, kind="best", val_loss=state.best_val)
+        with (self.ema.swapped(self.model) if (swap_ema and self.ema) else contextlib.nullcontext()):
+            ckpt_io.save_checkpoint(self.best, self.model, step=state.step, config=self.run_config,
+                                    state=self.save_state(self.model), extra=extra)
+        self._saved("best")
+
+    def _saved(self, kind: str) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(kind, getattr(self, kind))
+
+    def restore(self, cfg: TrainConfig) -> TrainState | None:
+        """Load the checkpoint :func:`resume_point` picks into the model, optimizer, EMA, scaler and RNG;
+        None (and nothing loaded) when there is none."""
+        path = resume_point(self.out_dir, self.run_config, cfg)
+        if path is None:
+            if self.last.exists():
+                print(f"minilm: {self.last} was written with other params or is finished; starting afresh")
+            return None
+        ckpt = ckpt_io.load_checkpoint(path)
+        _load_weights(self.model, ckpt.model_state)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        meta = ckpt.meta["extra"].get("train_state", {})
+        if self.ema is not None and ckpt.ema_state is not None:
+            self.ema.load_state_dict(ckpt.ema_state, meta.get("ema_updates", 0))
+        if self.scaler is not None and "scaler" in meta:
+            self.scaler.load_state_dict(meta["scaler"])
+        ckpt_io.restore_rng(ckpt.rng_state)
+        return TrainState.from_meta(ckpt.step, meta)
+
+
+def resume_point(out_dir: str | Path, run_config: dict[str, Any], cfg: TrainConfig) -> Path | None:
+    """The checkpoint a run of ``cfg`` continues from, or None to start afresh.
+
+    ``last`` when it was written with the same ``run_config`` up to ``max_steps`` and stopped before
+    ``cfg.max_steps`` (an interrupted run, or a finished one given more steps). When ``last`` has
+    already left the learning-rate curve the new run follows (it was in WSD's decay phase, or a cosine
+    run of another length), the WSD branch point ``stable`` is taken instead if it lies on that curve: the
+    continued run then computes exactly what a run of ``cfg.max_steps`` from scratch would.
+    """
+    out_dir = Path(out_dir)
+    run_config = json.loads(json.dumps(run_config))
+    last = _continuable(out_dir / "last.safetensors", run_config, cfg.max_steps)
+    if last is None:
+        return None
+    path, step, (saved_max, saved_decay) = last
+    if saved_max == cfg.max_steps or step <= min(saved_decay, decay_start(cfg)):
+        return path
+    stable = _continuable(out_dir / "stable.safetensors", run_config, cfg.max_steps)
+    if stable is not None and stable[1] <= decay_start(cfg):
+        return stable[0]
+    return path
+
+
+def _continuable(path: Path, run_config: dict[str, Any], max_steps: int
+                 ) -> tuple[Path, int, tuple[int | None, int]] | None:
+    """(path, step, (max_steps, decay start) it was trained towards) of a checkpoint this run may
+    continue."""
+    if not path.exists():
+        return None
+    meta = ckpt_io.read_meta(path)
+    if not continues(meta.get("config"), run_config) or meta["step"] >= max_steps:
+        return None
+    saved = meta.get("extra", {}).get("train_state", {})
+    return path, meta["step"], (saved.get("max_steps"), saved.get("decay_start", meta["step"]))
+
+
+def _without_length(run_config: Any) -> Any:
+    """``run_config`` with every ``max_steps`` removed: the keys that may change when a run continues."""
+    if isinstance(run_config, dict):
+        return {k: _without_length(v) for k, v in run_config.items() if k != "max_steps"}
+    return run_config
+
+
+def continues(saved: Any, run_config: dict[str, Any]) -> bool:
+    """Whether a checkpoint written with ``saved`` can be continued by a run of ``run_config``."""
+    return saved is not None and _without_length(saved) == _without_length(run_config)
+
+
+# --------------------------------------------------------------------------------------------------
+# reporting: the logger, and a progress bar on a terminal or a plain line every so often elsewhere
+
+
+class _Progress:
+    """tqdm on a terminal; off one (CI logs, ``dvc repro > log``) a plain line per ~5% of the run."""
+
+    def __init__(self, enabled: bool, start: int, total: int, stream: Any = None) -> None:
+        self.total, self.bar, self.last_line = total, None, start
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and start < total
+        self.every = max(1, total // 20)
+        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            leave=False, file=self.stream)
+
+    def update(self, step: int, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            if "train_loss" in row:
+                self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{row['lr']:.2e}")
+            self.bar.update(1)
+        elif step - self.last_line >= self.every or step == self.total:
+            self.last_line = step
+            parts = [f"{k} {row[k]:.4g}" for k in ("train_loss", "val_loss", "lr") if k in row]
+            print(f"train: step {step}/{self.total}" + (": " + ", ".join(parts) if parts else ""),
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _nonfinite(cfg: TrainConfig, state: TrainState, what: str, last: Path) -> None:
+    """The non-finite policy: stop with one line (``last`` kept), or count a skipped step."""
+    if cfg.nonfinite == "stop":
+        raise TrainingError(
+            f"non-finite {what} at step {state.step + 1}; the last good checkpoint ({last.name}) was kept. "
+            f"Usual causes: lr too high ({cfg.lr}), fp16 overflow (use bf16 or fp32), no grad_clip; or set "
+            "nonfinite: skip")
+    state.skipped += 1
+    if state.skipped > cfg.max_skipped:
+        raise TrainingError(f"{state.skipped} non-finite steps (more than max_skipped={cfg.max_skipped}) by "
+                            f"step {state.step + 1}; lower lr or use fp32")
+
+
+def _clip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+          params: list[torch.Tensor], grad_clip: float) -> float:
+    """Unscale (fp16) and clip the gradients; returns their norm before clipping."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    return torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
+
+
+def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is not None:        # the scaler skips a non-finite step itself and lowers its scale
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str | Path,
           eval_batches: Sequence[Batch] = (), logger: MetricsLogger | None = None,
           run_config: dict[str, Any] | None = None, resume: bool = True, progress: bool = True,
           tokens_per_batch: Callable[[Batch], int] | None = None,
           save_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
-          checkpoint_extra: dict[str, Any] | None = None,
+          checkpoint_extra: dict[str, Any] | None = None, last_extra: dict[str, Any] | None = None,
           on_checkpoint: Callable[[str, Path], None] | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps, writing ``last.safetensors`` and
     ``best.safetensors`` into ``out_dir``.
 
-    ``run_config`` (JSON-able) is stored in every checkpoint; a ``last`` checkpoint is resumed only if it
-    was written with an equal ``run_config`` (a changed param starts afresh). ``save_state`` picks the
-    weights a checkpoint holds (default: the whole model; LoRA saves only the adapter) - they are loaded
-    back with ``load_state_dict(strict=False)`` semantics restricted to those keys.
+    ``run_config`` (JSON-able) is stored in every checkpoint; ``last`` is resumed only if it was written
+    with an equal ``run_config`` up to ``max_steps`` (so a finished run given more steps continues).
+    ``save_state`` picks the weights a checkpoint holds (default: the whole model; LoRA saves only the
+    adapter). ``checkpoint_extra`` goes into both checkpoints, ``last_extra`` (e.g. a tracking run id)
+    into ``last`` only.
     """
     out_dir = check_writable(out_dir)   # a read-only directory fails now, not at the first checkpoint
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_config = json.loads(json.dumps(run_config or {}))  # normalise (tuples -> lists)
-    save_state = save_state or ckpt_io.model_state
-    last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
-    for path in (last_path, best_path):     # what a run killed while saving left beside them
-        remove_stale_temps(path)
-
     model.train()
     optimizer = build_optimizer(model, cfg, device)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    step, best_val, last_val, skipped = 0, math.inf, math.nan, 0
-    resumed_window: list = [0.0, 0]   # the partial train-loss average a checkpoint interrupted
-    history: list[dict[str, float]] = []
+    ckpts = _Checkpoints(out_dir, model, optimizer, EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+                         torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+                         json.loads(json.dumps(run_config or {})), save_state or ckpt_io.model_state,
+                         dict(checkpoint_extra or {}), dict(last_extra or {}), precision, on_checkpoint)
+    for path in (ckpts.last, ckpts.best, ckpts.stable):     # what a run killed while saving left beside them
+        remove_stale_temps(path)
     torch.manual_seed(cfg.seed)
-
-    if resume and last_path.exists():
-        ckpt = ckpt_io.load_checkpoint(last_path)
-        if ckpt.meta.get("config") == run_config:
-            _load_weights(model, ckpt.model_state)
-            optimizer.load_state_dict(ckpt.optimizer_state)
-            train_state = ckpt.meta["extra"].get("train_state", {})
-            if ema is not None and ckpt.ema_state is not None:
-                ema.load_state_dict(ckpt.ema_state, train_state.get("ema_updates", 0))
-            if scaler is not None and "scaler" in train_state:
-                scaler.load_state_dict(train_state["scaler"])
-            ckpt_io.restore_rng(ckpt.rng_state)
-            step, skipped = ckpt.step, train_state.get("skipped", 0)
-            best_val = train_state.get("best_val", math.inf)
-            last_val = train_state.get("last_val", math.nan)
-            history = train_state.get("history", [])
-            resumed_window = train_state.get("window", [0.0, 0])
-        else:
-            print(f"minilm: {last_path} was written with other params; starting afresh")
-    resumed_from = step
+    state = (ckpts.restore(cfg) if resume else None) or TrainState()
+    resumed_from = state.step
     if logger is not None:
         # rows logged before the interruption but maybe never sent (a killed process loses its metric
         # buffer); a resumable logger skips the steps it already holds
-        for row in history:
+        for row in _merged_rows(state.history, state.throughput):
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     loss_fn = torch.compile(token_loss_sum) if cfg.compile else token_loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def checkpoint(path: Path, kind: str, weights: dict[str, torch.Tensor] | None = None) -> None:
-        train_state = {"best_val": best_val, "last_val": last_val, "skipped": skipped,
-                       "window": [window_loss, window_n],
-                       "history": history, "ema_updates": ema.updates if ema else 0,
-                       "precision": precision}
-        if scaler is not None:
-            train_state["scaler"] = scaler.state_dict()
-        extra = dict(checkpoint_extra or {}, train_state=train_state, kind=kind)
-        full = kind == "last"
-        ckpt_io.save_checkpoint(
-            path, model, step=step, config=run_config, state=weights if weights is not None else save_state(model),
-            optimizer=optimizer if full else None, rng=full,
-            ema_state=ema.state_dict() if (ema is not None and full) else None, extra=extra)
-        if on_checkpoint is not None:
-            on_checkpoint(kind, path)
-
-    def run_eval() -> float:
-        if not eval_batches:
-            return math.nan
-        if ema is not None and cfg.ema_for_eval:
-            with ema.swapped(model):
-                return evaluate_loss(model, eval_batches, device=device, precision=precision, loss_fn=loss_fn)
-        return evaluate_loss(model, eval_batches, device=device, precision=precision, loss_fn=loss_fn)
-
-    def save_best() -> None:
-        if ema is not None and cfg.ema_for_eval:
-            with ema.swapped(model):
-                checkpoint(best_path, "best")
-        else:
-            checkpoint(best_path, "best")
-
-    bar = None
-    if progress and step < cfg.max_steps:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   leave=False)
-    window_loss, window_n = float(resumed_window[0]), int(resumed_window[1])
-    window_tokens, t_window = 0, time.perf_counter()
-    interrupted = False
-    t_start = time.perf_counter()
+    swap_ema = ckpts.ema is not None and cfg.ema_for_eval
+    bar = _Progress(progress, state.step, cfg.max_steps)
+    window_tokens, t_window, t_start, interrupted = 0, time.perf_counter(), time.perf_counter(), False
     with _StopFlag() as stop:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
+        while state.step < cfg.max_steps:
+            lr = lr_at(state.step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            micro = [_unpack(data.batch(step, m), device) for m in range(cfg.grad_accum)]
-            loss_sum = accumulate_gradients(model, micro, device=device, precision=precision, scaler=scaler,
-                                            loss_fn=loss_fn)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            loss_val, norm_val = loss_sum.item(), grad_norm.item()
-            if not (math.isfinite(loss_val) and math.isfinite(norm_val)) and scaler is None:
+            micro = [_unpack(data.batch(state.step, m), device) for m in range(cfg.grad_accum)]
+            loss = accumulate_gradients(model, micro, device=device, precision=precision, scaler=ckpts.scaler,
+                                        loss_fn=loss_fn).item()
+            norm = _clip(optimizer, ckpts.scaler, params, cfg.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(norm)) and ckpts.scaler is None:
                 optimizer.zero_grad(set_to_none=True)
-                what = "loss" if not math.isfinite(loss_val) else "gradient norm"
-                if cfg.nonfinite == "stop":
-                    if bar is not None:
-                        bar.close()
-                    raise TrainingError(
-                        f"non-finite {what} at step {step + 1}; the last good checkpoint "
-                        f"({last_path.name}) was kept. Usual causes: lr too high ({cfg.lr}), fp16 "
-                        "overflow (use bf16 or fp32), no grad_clip; or set nonfinite: skip")
-                skipped += 1
-                if skipped > cfg.max_skipped:
-                    raise TrainingError(f"{skipped} non-finite steps (more than max_skipped="
-                                        f"{cfg.max_skipped}) by step {step + 1}; lower lr or use fp32")
-                step += 1
+                _nonfinite(cfg, state, "loss" if not math.isfinite(loss) else "gradient norm", ckpts.last)
+                state.step += 1
                 continue
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            window_loss += loss_val
-            window_n += 1
+            _step(optimizer, ckpts.scaler)
+            if ckpts.ema is not None:
+                ckpts.ema.update(model)
+            state.step += 1
+            state.window_loss, state.window_n = state.window_loss + loss, state.window_n + 1
             window_tokens += (sum(tokens_per_batch(b) for b in micro) if tokens_per_batch
                               else sum(x.numel() for x, _, _ in micro))
-
-            row: dict[str, float] = {}
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            step, row, final = state.step, {}, state.step == cfg.max_steps
+            if step % cfg.log_every == 0 or final:
                 dt = time.perf_counter() - t_window
-                row.update(train_loss=window_loss / window_n, lr=lr, grad_norm=norm_val,
-                           tokens_per_sec=window_tokens / max(dt, 1e-9))
-                window_loss, window_n, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_val = run_eval()
-                row["val_loss"] = last_val
-                improved = math.isfinite(last_val) and last_val < best_val
+                row.update(train_loss=state.window_loss / state.window_n, lr=lr, grad_norm=norm)
+                state.throughput.append({"step": step, "tokens_per_sec": window_tokens / max(dt, 1e-9)})
+                state.window_loss, state.window_n, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+            if step % cfg.eval_every == 0 or final:
+                row["val_loss"] = state.last_val = _run_eval(model, eval_batches, device, precision, loss_fn,
+                                                             ckpts.ema if swap_ema else None)
+                improved = math.isfinite(state.last_val) and state.last_val < state.best_val
                 if improved or not eval_batches:
-                    best_val = last_val if improved else best_val
-                    save_best()
-            save_due = (step % cfg.save_every == 0) if cfg.save_every else ("val_loss" in row)
+                    state.best_val = state.last_val if improved else state.best_val
+                    ckpts.save_best(state, swap_ema)
             if row:
-                row = {"step": step, **row}
-                history.append(row)
+                state.history.append({"step": step, **row})
                 if logger is not None:
-                    logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
-                if bar is not None and "train_loss" in row:
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.2e}",
-                                    tok_s=f"{row['tokens_per_sec']:.0f}")
-            if save_due or step == cfg.max_steps or stop.signum is not None:
-                checkpoint(last_path, "last")
-            if bar is not None:
-                bar.update(1)
+                    speed = state.throughput[-1] if "train_loss" in row else {}
+                    logger.log_metrics({**row, **{k: v for k, v in speed.items() if k != "step"}}, step)
+            if step == decay_start(cfg) and not final:   # WSD's branch point for a longer run
+                ckpts.save_last(state, cfg, kind="stable")
+            save_due = (step % cfg.save_every == 0) if cfg.save_every else ("val_loss" in row)
+            if save_due or final or stop.signum is not None:
+                ckpts.save_last(state, cfg)
+            bar.update(step, row)
             if stop.signum is not None:
                 interrupted = True
                 break
-    if bar is not None:
-        bar.close()
-    if not best_path.exists() and last_path.exists() and not interrupted:
-        save_best()
-    return TrainResult(step=step, best_val_loss=best_val, last_val_loss=last_val, history=history,
-                       resumed_from=resumed_from, skipped_steps=skipped, interrupted=interrupted,
+    bar.close()
+    if not ckpts.best.exists() and ckpts.last.exists() and not interrupted:
+        ckpts.save_best(state, swap_ema)
+    return TrainResult(step=state.step, best_val_loss=state.best_val, last_val_loss=state.last_val,
+                       history=state.history, throughput=state.throughput, resumed_from=resumed_from,
+                       skipped_steps=state.skipped, interrupted=interrupted,
                        seconds=time.perf_counter() - t_start)
+
+
+def _run_eval(model: nn.Module, batches: Sequence[Batch], device: torch.device, precision: str,
+              loss_fn: LossFn, ema: EMA | None) -> float:
+    if not batches:
+        return math.nan
+    with (ema.swapped(model) if ema is not None else contextlib.nullcontext()):
+        return evaluate_loss(model, batches, device=device, precision=precision, loss_fn=loss_fn)
+
+
+def _merged_rows(history: list[dict[str, float]], throughput: list[dict[str, float]]) -> list[dict[str, float]]:
+    """History rows with the throughput measured at the same step (what a logger is sent)."""
+    speed = {int(r["step"]): r for r in throughput}
+    return [{**row, **{k: v for k, v in speed.get(int(row["step"]), {}).items() if k != "step"}}
+            for row in history]
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -359,7 +519,3 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
-
-
-def train_config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return to_dict(cfg)
