@@ -6,12 +6,13 @@ anywhere is caught the first time any stage runs, with the closest valid name su
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minilm.config import (DataConfig, LoRAConfig, ModelConfig, Precision, SampleConfig, SFTConfig,
-                           TokenizerConfig, TrainConfig)
+from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, LoRAConfig, ModelConfig, Precision,
+                           SampleConfig, SFTConfig, TokenizerConfig, TrainConfig)
 from minilm.errors import ConfigError
 from minilm.schema import build, load_yaml, suggest
 
@@ -24,9 +25,12 @@ class ProjectConfig:
     progress: bool = True              # progress bars
 
     def problems(self) -> list[str]:
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            return [f"device must be auto, cpu or cuda[:N], got {self.device!r}"]
+        if not _DEVICE.fullmatch(self.device):
+            return [f"device must be auto, cpu, cuda or cuda:N (N = a GPU index), got {self.device!r}"]
         return []
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -126,10 +130,143 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             problems.append(str(err).split(": ", 1)[1])
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
-    ctx = built["model"].context_length
-    if built["sft"].max_length > ctx:
-        problems.append(f"sft.max_length ({built['sft'].max_length}) is longer than the model supports "
-                        f"(model.context_length = {ctx}); lower it or set 0 (= the context length)")
+    problems += cross_section_problems(built)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return Params(**built, raw=raw, path=path)
+
+
+# --------------------------------------------------------------------------------------------------
+# relations between sections (pure: no torch, no tokenizer)
+
+
+def cross_section_problems(built: dict[str, Any]) -> list[str]:
+    """Values each valid on their own that together make a stage fail or its output useless."""
+    model, sft, gen, tok = built["model"], built["sft"], built["generate"], built["tokenizer"]
+    ctx = model.context_length
+    problems: list[str] = []
+    if sft.max_length > ctx:
+        problems.append(f"sft.max_length ({sft.max_length}) is longer than the model supports "
+                        f"(model.context_length = {ctx}); lower it or set 0 (= the context length)")
+    problems += _lora_target_problems(built["lora"], model)
+    # an SFT example is BOS + prompt + response + EOS, cut to max_length + 1 tokens; one whose BOS + prompt
+    # fills max_length is dropped (nothing to learn), so BOS + the shortest prompt must leave a position
+    template = _template_tokens(sft.template, tok)
+    limit = sft.max_length or ctx
+    if template is not None and 1 + template > limit:
+        what = (f"sft.max_length is {sft.max_length}" if sft.max_length else
+                f"model.context_length is {ctx}")
+        fix = ("raise sft.max_length (or set 0 = the context length)" if sft.max_length and ctx > template
+               else "raise model.context_length")
+        problems.append(f"BOS + sft.template with even a one-token instruction take at least {1 + template} "
+                        f"tokens but {what}, so no response token would fit and every SFT example would be "
+                        f"dropped; {fix} to well above {1 + template} or shorten sft.template")
+    # the generate stage fits prompt + max_new_tokens in the context by cutting the prompt's start
+    prompts = {f"prompt {p!r}": 1 + _min_tokens(p, tok) for p in gen.prompts}
+    if gen.sft_questions and template is not None:
+        prompts["SFT prompt (sft.template with an instruction)"] = 1 + template
+    if prompts:
+        name, longest = max(prompts.items(), key=lambda kv: kv[1])
+        if longest + gen.max_new_tokens > ctx:
+            room = (f"lower generate.max_new_tokens to at most {ctx - longest}" if ctx > longest else
+                    "raise model.context_length")
+            problems.append(f"generate.max_new_tokens ({gen.max_new_tokens}) + the {name} (at least "
+                            f"{longest} tokens with BOS) exceed model.context_length ({ctx}), so the prompt "
+                            f"would be cut; {room} or shorten the prompt")
+    return problems
+
+
+def _lora_target_problems(lora: LoRAConfig, model: ModelConfig) -> list[str]:
+    """Each target must match a linear layer of the blocks, as :func:`minilm.lora.inject_lora` matches."""
+    if lora.targets == [ALL_LINEAR]:
+        return []
+    names = [f"model.layers.{i}.{part}.{m}" for i in range(model.n_layer)
+             for part, mods in (("self_attn", LORA_MODULES[:4]), ("mlp", LORA_MODULES[4:])) for m in mods]
+    bad = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not bad:
+        return []
+    return [f"lora.targets {bad} match no linear layer in the model's blocks; valid names: "
+            f"{' '.join(LORA_MODULES)}, a longer suffix such as 'mlp.up_proj' or "
+            f"'layers.{model.n_layer - 1}.self_attn.q_proj', or ['{ALL_LINEAR}']"]
+
+
+# The fewest tokens a text can take, without the tokenizer. Sound for the tokenizers the pipeline trains
+# (minilm.tokenizer): SentencePiece with identity normalisation, no dummy prefix, '\n' and the special
+# tokens as user-defined pieces (each one token, matched as whole strings) and learned pieces of at most
+# 16 characters (SentencePiece's max_sentencepiece_length) that never hold a '\n' (it trains line by line);
+# byte-fallback pieces are parts of one character. A char vocabulary: one token per character, special
+# tokens matched whole. Any real tokenization is a cover of the text by such pieces, so the smallest cover
+# is a lower bound: a check on it never refuses a setting that would have worked.
+_SP_PIECE_CHARS = 16
+_HOLE = "\uffff"                    # stands for the instruction inside a template (a non-character)
+
+
+def _min_tokens(text: str, tok: TokenizerConfig) -> int:
+    specials = [t for t in tok.special_tokens if t and _HOLE not in t]
+    longest = _SP_PIECE_CHARS if tok.kind == "sentencepiece" else 1
+    if tok.kind == "sentencepiece":
+        specials.append("\n")
+    n = len(text)
+    best = [0] + [n + 1] * n                   # best[i]: fewest pieces covering text[:i]
+    for i in range(n):
+        if best[i] > n:
+            continue
+        for t in specials:
+            if text.startswith(t, i):
+                best[i + len(t)] = min(best[i + len(t)], best[i] + 1)
+        for j in range(i + 1, min(n, i + longest) + 1):
+            if tok.kind == "sentencepiece" and text[j - 1] == "\n":
+                break
+            best[j] = min(best[j], best[i] + 1)
+    return best[n]
+
+
+def _template_tokens(template: str, tok: TokenizerConfig) -> int | None:
+    """Fewest tokens of ``template`` rendered with the shortest instruction (one token), or None when a
+    special token could straddle the instruction's edges (then the pieces around it are not knowable)."""
+    try:
+        head, tail = template.format(instruction=_HOLE).split(_HOLE)
+    except (ValueError, KeyError, IndexError):
+        return None                            # reported by SFTConfig.problems
+    for t in tok.special_tokens:
+        if any(head.endswith(t[:k]) or tail.startswith(t[k:]) for k in range(1, len(t))):
+            return None
+    return _min_tokens(head + _HOLE + tail, tok)
+
+
+# --------------------------------------------------------------------------------------------------
+# the machine (imports torch: kept out of load_params so reading params stays cheap)
+
+
+def check_hardware(params: Params) -> None:
+    """Refuse, in one line listing every problem, a ``project.device`` this machine does not have and a
+    precision it cannot run (fp16 off CUDA, bf16 on a GPU without it) in pretrain, sft or generate.
+
+    Every stage calls it at start, so a setting that only one stage uses fails in all of them.
+    """
+    import torch
+
+    device = params.project.device
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    problems: list[str] = []
+    if device.startswith("cuda") and not cuda:
+        problems.append(f"project.device {device!r} asks for a GPU but CUDA is not available on this "
+                        "machine (torch " + torch.__version__ + "); use cpu or auto")
+    elif device.startswith("cuda:") and int(device[5:]) >= count:
+        problems.append(f"project.device {device!r} asks for GPU {device[5:]} but this machine has {count} "
+                        f"(cuda:0 to cuda:{count - 1}); pick one of those, cuda or auto")
+    if problems:                               # the precisions depend on the device: fix that first
+        raise ConfigError(f"{params.path}: " + "; ".join(problems))
+    on_cuda = cuda and device != "cpu"
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    for key, precision in (("pretrain.precision", params.pretrain.precision),
+                           ("sft.precision", params.sft.precision),
+                           ("generate.precision", params.generate.precision)):
+        if precision == "fp16" and not on_cuda:
+            where = "project.device is cpu" if device == "cpu" else "CUDA is not available on this machine"
+            problems.append(f"{key} fp16 needs a CUDA device ({where}); use bf16, fp32 or auto")
+        elif precision == "bf16" and on_cuda and not bf16:
+            problems.append(f"{key} bf16 is not supported by this GPU; use fp16, fp32 or auto")
+    if problems:
+        raise ConfigError(f"{params.path}: " + "; ".join(problems))
