@@ -20,13 +20,14 @@ from .config import ModelConfig
 from .errors import ConfigError
 
 
-def _check_exportable(cfg: ModelConfig) -> None:
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuse, with one line naming the setting, a model Llama (transformers, llama.cpp) cannot hold."""
     if cfg.block != "sequential":
-        raise ConfigError(f"model.block is {cfg.block!r} but transformers' Llama has no parallel layout; "
-                          "only block: sequential models can be exported")
+        raise ConfigError(f"model.block is {cfg.block!r} but Llama (transformers, llama.cpp) has no parallel "
+                          "layout; only block: sequential models can be exported")
     if cfg.norm != "rmsnorm":
-        raise ConfigError(f"model.norm is {cfg.norm!r} but transformers' Llama uses RMSNorm; only norm: "
-                          "rmsnorm models can be exported")
+        raise ConfigError(f"model.norm is {cfg.norm!r} but Llama (transformers, llama.cpp) uses RMSNorm; "
+                          "only norm: rmsnorm models can be exported")
 
 
 def to_transformers_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def to_transformers_config(cfg: ModelConfig) -> dict[str, Any]:
     Token ids (bos/eos/pad) are left unset: they belong to the tokenizer, not the model shape.
     """
     cfg.validate()
-    _check_exportable(cfg)
+    check_exportable(cfg)
     return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
