@@ -13,17 +13,16 @@ import codecs
 import hashlib
 import os
 import random
+import re
 import sys
 import sysconfig
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from .config import DataConfig
 from .errors import DataError
 from .fileio import atomic_write
 
-if TYPE_CHECKING:
-    pass
 
 MB = 1_000_000
 _TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -33,6 +32,16 @@ _READ_CHARS = 1 << 20              # readline() piece size: bounds memory on fil
 _MAX_DOC_CHARS = 1 << 20           # a paragraph longer than this is cut at its next line end...
 _HARD_DOC_CHARS = 8 << 20          # ...or anywhere once it gets this long (a file with no newlines)
 _UTF8_FIX = "set data.invalid_utf8: replace to substitute U+FFFD"
+# Input that is not text. A file whose characters are at least JUNK_LIMIT NUL, other C0 control codes
+# (tab, line breaks and form feed are text), DEL or U+FFFD (what invalid UTF-8 becomes under
+# `invalid_utf8: replace`) is refused whatever the policy, judged on every prefix from JUDGE_AFTER
+# characters on (so a binary file fails fast) and on the whole file: a binary file decodes to ~45% U+FFFD
+# and ~12% control codes, UTF-16 to ~50% NUL, text in a legacy 8-bit encoding to a U+FFFD per non-ASCII
+# letter. Below the limit NUL bytes, never text, are stripped and counted; the rest is kept.
+JUNK_LIMIT = 0.10
+JUDGE_AFTER = 4096
+_JUNK = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+_SNIFF_BYTES = 64 << 20            # an error message's diagnosis reads at most this much of the file
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,7 +124,68 @@ def _first_invalid_utf8(path: Path) -> int:
             pos += len(block)
 
 
-def utf8_error(path: Path, what: str = "") -> DataError:
+def junk_share(text: str) -> tuple[int, int, int]:
+    """(junk characters, of which NUL, of which U+FFFD) in ``text``; see :data:`JUNK_LIMIT`."""
+    junk = len(_JUNK.findall(text))
+    return junk, text.count("\0") if junk else 0, text.count("\ufffd") if junk else 0
+
+
+def sniff_text(path: Path) -> dict[str, Any]:
+    """What the file is made of, decoded with invalid bytes replaced (its first 64 MB): characters, junk,
+    NUL, U+FFFD, and whether it reads as UTF-16 (a BOM, or NUL bytes nearly all at even or at odd offsets)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    chars = junk = nul = bad = 0
+    parity = [0, 0]
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+        fh.seek(0)
+        done = 0
+        while done < _SNIFF_BYTES:
+            block = fh.read(1 << 20)
+            text = decoder.decode(block, final=not block)
+            chars += len(text)
+            j, n, b = junk_share(text)
+            junk, nul, bad = junk + j, nul + n, bad + b
+            if not block:
+                break
+            even = block[0::2].count(0)
+            parity[done % 2] += even
+            parity[1 - done % 2] += block.count(0) - even
+            done += len(block)
+    utf16 = head in (b"\xff\xfe", b"\xfe\xff") or (
+        sum(parity) >= 0.3 * max(done, 1) and max(parity) >= 0.95 * sum(parity))
+    return {"chars": chars, "junk": junk, "nul": nul, "bad": bad, "utf16": utf16}
+
+
+def not_text_error(path: Path, what: str = "", option: str = "data.corpus",
+                   seen: tuple[int, int] | None = None) -> DataError:
+    """A file refused as not text, with the advice that fits what it looks like (never the replace policy:
+    replacing would keep the garbage). ``seen``: (characters, junk) of the part that was judged."""
+    f = sniff_text(path)
+    chars, junk = seen or (f["chars"], f["junk"])
+    which = "its" if seen is None else f"its first {chars}"
+    share = f"{100 * junk / max(chars, 1):.0f}% of {which} characters are NUL, control codes or U+FFFD"
+    if f["utf16"]:
+        advice = (f"it looks like UTF-16 text: convert it to UTF-8 (iconv -f utf-16 -t utf-8 {path.name} > "
+                  f"{path.stem}.utf8{path.suffix}) and point {option} at that")
+    elif f["junk"] - f["bad"] >= 0.01 * f["chars"]:
+        advice = f"it looks like a binary file: point {option} at UTF-8 text instead"
+    elif _first_invalid_utf8(path) >= 0:
+        advice = ("it looks like text in another encoding: convert it to UTF-8 (iconv -f ENCODING -t "
+                  f"utf-8, e.g. -f cp1252 or -f iso-8859-7) and point {option} at that")
+    else:
+        advice = ("it is valid UTF-8 that already holds the U+FFFD of an earlier lossy conversion: convert "
+                  f"the original to UTF-8 again and point {option} at that")
+    return DataError(f"{what}{path} is not UTF-8 text ({share}; at most {JUNK_LIMIT:.0%} is accepted "
+                     f"whatever data.invalid_utf8 says); {advice}")
+
+
+def utf8_error(path: Path, what: str = "", option: str = "data.corpus") -> DataError:
+    """Invalid UTF-8 in ``path``: where, and the fixes that work (the replace policy only for a file that
+    is text apart from a few bad bytes)."""
+    f = sniff_text(path)
+    if f["junk"] >= JUNK_LIMIT * max(f["chars"], 1):
+        return not_text_error(path, what, option)
     offset = _first_invalid_utf8(path)
     where = f" at byte {offset}" if offset >= 0 else ""
     return DataError(f"{what}{path} is not valid UTF-8{where}; convert it to UTF-8 (e.g. iconv -f "
@@ -136,20 +206,32 @@ def _corpus_files(path: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(path).as_posix())
 
 
-def file_documents(path: str | os.PathLike, invalid_utf8: str = "error") -> Iterator[str]:
+def file_documents(path: str | os.PathLike, invalid_utf8: str = "error",
+                   counts: dict[str, int] | None = None) -> Iterator[str]:
     """A text file's paragraphs (blank-line separated), streamed.
 
     A paragraph longer than ~1M characters is cut at its next line end (a one-sentence-per-line
-    corpus has no blank lines), so memory stays bounded.
+    corpus has no blank lines), so memory stays bounded. NUL bytes are dropped; a file that is not
+    mostly text (:data:`JUNK_LIMIT`: in any prefix of 4096 characters or more, or as a whole) is a
+    :class:`DataError` whatever ``invalid_utf8`` says.
+    ``counts``, if given, gains ``nul_stripped`` and ``replacement_chars`` (U+FFFD kept).
     """
     path = Path(path)
     buf: list[str] = []
-    size = 0
+    size = chars = junk = nul = bad = 0
     line_start = True
     try:
         with open(path, encoding="utf-8-sig", errors="strict" if invalid_utf8 == "error" else "replace",
                   newline=None) as fh:
             for piece in iter(lambda: fh.readline(_READ_CHARS), ""):
+                chars += len(piece)
+                j, n, b = junk_share(piece)
+                if j:
+                    junk, nul, bad = junk + j, nul + n, bad + b
+                    if chars >= JUDGE_AFTER and junk >= JUNK_LIMIT * chars:
+                        raise not_text_error(path, seen=(chars, junk))
+                    if n:
+                        piece = piece.replace("\0", "")
                 blank = line_start and not piece.strip()
                 line_start = piece.endswith("\n")
                 if blank:
@@ -162,19 +244,26 @@ def file_documents(path: str | os.PathLike, invalid_utf8: str = "error") -> Iter
                 if (size >= _MAX_DOC_CHARS and line_start) or size >= _HARD_DOC_CHARS:
                     yield "".join(buf).rstrip()
                     buf, size = [], 0
+            if junk >= JUNK_LIMIT * max(chars, 1):
+                raise not_text_error(path)
             if buf and "".join(buf).strip():
                 yield "".join(buf).rstrip()
     except UnicodeDecodeError:
         raise utf8_error(path) from None
     except OSError as err:
         raise DataError(f"cannot read corpus file {path}: {err.strerror or err}") from None
+    if counts is not None:
+        counts["nul_stripped"] = counts.get("nul_stripped", 0) + nul
+        counts["replacement_chars"] = counts.get("replacement_chars", 0) + bad
 
 
 def write_corpus(cfg: DataConfig, out_path: str | os.PathLike) -> dict[str, Any]:
     """Write the pretraining corpus as one UTF-8 file (documents separated by a blank line).
 
-    Returns stats: source, files, documents, bytes, sha256, truncated.
+    Returns stats: source, files, documents, bytes, sha256, truncated, and for files nul_stripped (NUL
+    bytes dropped) and replacement_chars (U+FFFD in the text, e.g. from ``invalid_utf8: replace``).
     """
+    counts: dict[str, int] = {}
     if cfg.corpus == "stdlib":
         # seeded shuffle of the (small, in-memory) document list, so that the validation split (the
         # corpus's tail) is drawn from every module rather than from the alphabetically last ones
@@ -185,7 +274,7 @@ def write_corpus(cfg: DataConfig, out_path: str | os.PathLike) -> dict[str, Any]
         n_files = None
     else:
         files = _corpus_files(Path(cfg.corpus))
-        docs = (d for f in files for d in file_documents(f, cfg.invalid_utf8))
+        docs = (d for f in files for d in file_documents(f, cfg.invalid_utf8, counts))
         source, n_files = str(cfg.corpus), len(files)
     cap = int(cfg.corpus_max_mb * MB)
     digest = hashlib.sha256()
@@ -212,4 +301,4 @@ def write_corpus(cfg: DataConfig, out_path: str | os.PathLike) -> dict[str, Any]
         digest.update(b"\n")
         n_bytes += 1
     return {"source": source, "files": n_files, "documents": n_docs, "bytes": n_bytes,
-            "sha256": digest.hexdigest(), "truncated": truncated}
+            "sha256": digest.hexdigest(), "truncated": truncated, **counts}

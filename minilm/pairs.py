@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .config import DataConfig
-from .corpus import utf8_error
+from .corpus import JUDGE_AFTER, JUNK_LIMIT, junk_share, not_text_error, sniff_text, utf8_error
 from .errors import DataError
 from .fileio import atomic_write, sha256_file
 
@@ -174,7 +174,7 @@ def _open_records(path: Path, fields: tuple[str, str], errors: str) -> Iterator[
                     raise DataError(f"{path} is not valid CSV ({msg}); fix the file") from None
                 yield from _records_frame(df, path, fields)
     except UnicodeDecodeError:
-        raise utf8_error(path, "SFT data ") from None
+        raise utf8_error(path, "SFT data ", "data.sft") from None
 
 
 def read_pairs(path: str | os.PathLike, instruction_field: str = "instruction",
@@ -184,7 +184,9 @@ def read_pairs(path: str | os.PathLike, instruction_field: str = "instruction",
 
     Returns a DataFrame with columns ``instruction`` and ``response`` (stripped, non-empty).
     With ``bad_records="skip"`` malformed records are dropped and counted in ``df.attrs["skipped"]``;
-    with ``"error"`` the first one raises a :class:`DataError` naming its line, row or record.
+    with ``"error"`` the first one raises a :class:`DataError` naming its line, row or record. A file that
+    is not text (:data:`minilm.corpus.JUNK_LIMIT`) is refused whatever either policy says; NUL characters
+    are dropped from the fields and counted in ``df.attrs["nul_stripped"]``.
     """
     import pandas as pd
 
@@ -195,8 +197,12 @@ def read_pairs(path: str | os.PathLike, instruction_field: str = "instruction",
     if path.suffix.lower() not in _SFT_SUFFIXES:
         raise DataError(f"SFT data {path}: unsupported file type {path.suffix or '(none)'!r}; use one "
                         f"of {', '.join(_SFT_SUFFIXES)}")
+    if path.suffix.lower() != ".parquet":          # a binary file is refused whatever the policies say
+        f = sniff_text(path)
+        if f["junk"] >= JUNK_LIMIT * max(f["chars"], 1):
+            raise not_text_error(path, "SFT data ", "data.sft")
     fields = (instruction_field, response_field)
-    rows, skipped = [], 0
+    rows, skipped, nul = [], 0, 0
     errors = "strict" if invalid_utf8 == "error" else "replace"
     for where, rec in _open_records(path, fields, errors):
         problem = None
@@ -206,6 +212,9 @@ def read_pairs(path: str | os.PathLike, instruction_field: str = "instruction",
             problem = f"{where} is not a JSON object"
         else:
             for name in fields:
+                if isinstance(rec.get(name), str) and "\0" in rec[name]:      # NUL is never text
+                    nul += rec[name].count("\0")
+                    rec[name] = rec[name].replace("\0", "")
                 if name not in rec:
                     keys = ", ".join(map(str, rec)) or "none"
                     problem = (f"{where} has no {name!r} field (fields: {keys}); set "
@@ -224,8 +233,16 @@ def read_pairs(path: str | os.PathLike, instruction_field: str = "instruction",
         why = f" (all {skipped} records were malformed and skipped)" if skipped else ""
         raise DataError(f"{path} holds no instruction/response pairs{why}; add some or point data.sft "
                         "elsewhere")
+    chars = sum(len(a) + len(b) for a, b in rows)
+    junk = sum(junk_share(a)[0] + junk_share(b)[0] for a, b in rows)
+    if chars >= JUDGE_AFTER and junk >= JUNK_LIMIT * chars:    # a few pairs: the file's own check decides
+        raise DataError(f"{path}: {100 * junk / chars:.0f}% of the text of its pairs is U+FFFD replacement "
+                        f"characters or control codes (at most {JUNK_LIMIT:.0%} is accepted whatever "
+                        "data.invalid_utf8 says): text lost in an earlier conversion; export the pairs from "
+                        "their source as UTF-8 again and point data.sft at that")
     df = pd.DataFrame(rows, columns=["instruction", "response"])
     df.attrs["skipped"] = skipped
+    df.attrs["nul_stripped"] = nul
     return df
 
 
@@ -274,6 +291,7 @@ def write_sft(cfg: DataConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                         invalid_utf8=cfg.invalid_utf8)
         source = str(cfg.sft)
     skipped = int(df.attrs.get("skipped", 0))
+    nul = int(df.attrs.get("nul_stripped", 0))
     total = len(df)
     df = df.drop_duplicates(ignore_index=True)
     if len(df) < 2:
@@ -285,5 +303,5 @@ def write_sft(cfg: DataConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     _write_jsonl(train_path, df.iloc[train_idx])
     _write_jsonl(val_path, df.iloc[val_idx])
     return {"source": source, "pairs": len(df), "train": len(train_idx), "val": len(val_idx),
-            "duplicates_removed": total - len(df), "skipped": skipped,
+            "duplicates_removed": total - len(df), "skipped": skipped, "nul_stripped": nul,
             "train_sha256": sha256_file(train_path), "val_sha256": sha256_file(val_path)}
