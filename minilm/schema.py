@@ -165,17 +165,20 @@ def _unique_key_loader():
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
-                seen: dict[Any, int] = {}
+                seen: dict[Any, Any] = {}
                 for key_node, _ in node.value:
                     key = self.construct_object(key_node, deep=True)
-                    line = key_node.start_mark.line + 1
+                    mark = key_node.start_mark
                     try:
-                        first = seen.setdefault(key, line)
+                        first = seen.setdefault(key, mark)
                     except TypeError:            # an unhashable key: let PyYAML report it
                         continue
-                    if first != line:
-                        raise ConfigError(f"duplicate key {key!r} at lines {first} and {line}; keep one "
-                                          "(YAML would silently use the last)")
+                    if first is not mark:
+                        where = (f"lines {first.line + 1} and {mark.line + 1}" if first.line != mark.line
+                                 else f"line {mark.line + 1}, columns {first.column + 1} and "
+                                      f"{mark.column + 1}")
+                        raise ConfigError(f"duplicate key {key!r} at {where}; keep one (YAML would "
+                                          "silently use the last)")
             return super().construct_mapping(node, deep=deep)
 
     return UniqueKeyLoader
