@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from minilm.fileio import write_json, write_text
 
-from . import finetune, generation, pipeline, quality, training, utilisation
+from . import finetune, generation, pipeline, quality, serving, training, utilisation
 from .harness import ROOT, Context, load_average, machine_info
 from .report import render
 
@@ -32,6 +32,7 @@ ROWS: dict[int, tuple[str, str, Callable[[Context], dict[str, Any]]]] = {
     4: ("finetune", "LoRA fine-tuning vs full fine-tuning and peft", finetune.run),
     5: ("quality", "Quality at equal compute (tinyshakespeare, nanoGPT CPU config)", quality.run),
     6: ("pipeline", "Pipeline overhead (dvc repro)", pipeline.run),
+    7: ("serving", "Serving (minilm-serve: continuous batching vs one request at a time)", serving.run),
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results.json"
 

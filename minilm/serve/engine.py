@@ -193,7 +193,8 @@ class Engine:
                     first = self.queue.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                time.sleep(self.window_s)          # let the requests sent together arrive together
+                if self.max_batch > 1 and self.window_s > 0:
+                    time.sleep(self.window_s)      # let the requests sent together arrive together
                 self._admit([first] + self._drain(self.max_batch - 1))
             else:
                 self.admit()
