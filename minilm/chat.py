@@ -18,10 +18,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Iterable, TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 
-from .cli import add_model_args, add_sampling_args, load_for_inference, resolve_template, run_main, \
-    sample_config
+from .cli import (
+    add_model_args,
+    add_sampling_args,
+    load_for_inference,
+    resolve_template,
+    run_main,
+    sample_config,
+)
 from .config import SampleConfig, build
 from .errors import ConfigError, DataError, MinilmError
 

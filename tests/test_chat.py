@@ -11,14 +11,13 @@ import sys
 
 import pytest
 import torch
+from servekit import env1, kit  # noqa: F401  (kit is a fixture)
 
 from minilm.chat import fit_turns, instruction_marker, messages_to_turns, render_turns, set_params
 from minilm.cli import resolve_template, sample_config, sample_main, sample_parser
 from minilm.config import DEFAULT_TEMPLATE, SampleConfig
 from minilm.errors import ConfigError, DataError
 from minilm.sampling import generate, generate_ids
-
-from servekit import env1, kit  # noqa: F401  (kit is a fixture)
 
 GREEDY = SampleConfig(temperature=0.0, min_new_tokens=0, max_new_tokens=30)
 

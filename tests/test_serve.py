@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 import torch
+from servekit import PAIRS, Server, kit  # noqa: F401  (kit is a fixture)
 
 from minilm.chat import instruction_marker
 from minilm.config import SampleConfig, build
@@ -20,8 +21,6 @@ from minilm.sampling import generate
 from minilm.serve import ServeConfig, is_loopback
 from minilm.serve.engine import Engine, Request, TextStream
 from minilm.serve.main import serve_main
-
-from servekit import PAIRS, Server, kit  # noqa: F401  (kit is a fixture)
 
 openai = pytest.importorskip("openai")
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from servekit import Server, kit  # noqa: F401  (kit is a fixture)
 
 from minilm.chat import instruction_marker
 from minilm.config import SampleConfig
 from minilm.sampling import generate
-
-from servekit import Server, kit  # noqa: F401  (kit is a fixture)
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), shutil.which("chromedriver") or "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists() or not Path(DRIVER).exists(),

@@ -18,10 +18,12 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Literal
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -64,7 +66,7 @@ class _Body(BaseModel):
     ban_window: int | None = None
     no_repeat_ngram: int | None = None
     min_tokens: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     n: int = 1
@@ -73,7 +75,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 class TextPart(BaseModel):
@@ -85,7 +87,7 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: str
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
