@@ -89,7 +89,7 @@ def add_sampling_args(p: argparse.ArgumentParser, d: SampleConfig, *, min_defaul
     s.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
                    help="never repeat an n-gram of this size; 0 = off")
     s.add_argument("--min-new-tokens", "--min_new", type=int, default=None,
-                   help=f"end-of-sequence is banned before this many new tokens (default: {min_default})")
+                   help=f"end-of-sequence is banned before this many new tokens; unset = {min_default}")
     s.add_argument("--max-new-tokens", "--max_new", type=int, default=d.max_new_tokens,
                    help="most new tokens")
     s.add_argument("--stop", action="append", metavar="TEXT",
