@@ -6,7 +6,8 @@
 - ``config.json`` (``LlamaForCausalLM``) and ``model.safetensors`` (the weights under their own names:
   minilm's module paths are Llama's; a tied ``lm_head`` is left out, as transformers does);
 - ``generation_config.json``: the sampling defaults given (temperature, top-k/p, repetition penalty,
-  n-gram ban, min/max new tokens, stop strings; minilm's ``ban_window`` and ``seed`` have no field);
+  n-gram ban, min/max new tokens; minilm's ``ban_window`` and ``seed`` have no field, and ``stop``
+  strings are left out because transformers' ``generate`` then demands the tokenizer on every call);
 - ``tokenizer.json`` (see :mod:`minilm.vocab`), ``tokenizer_config.json`` with the special tokens and a
   chat template that renders exactly ``sft.template``: ``apply_chat_template`` of a user message (plus
   the assistant's answer) gives minilm's SFT ids ``BOS + prompt (+ response + EOS)``;
@@ -104,9 +105,7 @@ def generation_config(sample: SampleConfig, vocab: Vocab) -> dict[str, Any]:
         out.update(temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p)
     out.update(repetition_penalty=sample.repetition_penalty, no_repeat_ngram_size=sample.no_repeat_ngram,
                min_new_tokens=sample.min_new_tokens, max_new_tokens=sample.max_new_tokens)
-    if sample.stop:
-        out["stop_strings"] = list(sample.stop)
-    return out
+    return out   # no stop_strings: with them transformers' generate() fails unless given the tokenizer
 
 
 def tokenizer_files(vocab: Vocab, template: str, context_length: int) -> dict[str, bytes]:
