@@ -4,10 +4,11 @@
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status (malformed JSON,
 a wrong-typed field, an out-of-range control, a prompt that does not fit, an unknown model, a missing or
-wrong API key) and the server goes on serving. Beyond OpenAI's fields a request may set minilm's controls
-``top_k``, ``repetition_penalty``, ``ban_window``, ``no_repeat_ngram`` and ``min_tokens`` (the openai
-client passes them with ``extra_body``); unset controls take :class:`~minilm.config.SampleConfig`'s
-defaults, with no minimum length.
+wrong API key, an OpenAI feature it does not implement such as ``logprobs`` or ``tools``) and the
+server goes on serving; other unknown fields are ignored. Beyond OpenAI's fields a request may set
+minilm's controls ``top_k``, ``repetition_penalty``, ``ban_window``, ``no_repeat_ngram`` and
+``min_tokens`` (the openai client passes them with ``extra_body``); unset controls take
+:class:`~minilm.config.SampleConfig`'s defaults, with no minimum length.
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = None
 
 
+# OpenAI fields this server does not implement: refused when set, rather than silently ignored
+UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "logit_bias", "best_of", "tools", "tool_choice",
+               "functions", "function_call", "response_format")
+
+
 async def parse(request: HTTPRequest, cls: type[_Body]) -> _Body:
     raw = await request.body()
     try:
@@ -108,6 +114,11 @@ async def parse(request: HTTPRequest, cls: type[_Body]) -> _Body:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")
+    for name in UNSUPPORTED:
+        value = data.get(name)
+        if value and value != {"type": "text"}:
+            raise APIError(400, f"{name} is not supported by minilm-serve; leave it out", param=name,
+                           code="unsupported")
     try:
         return cls.model_validate(data)
     except ValidationError as err:
