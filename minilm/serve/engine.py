@@ -138,6 +138,7 @@ class Engine:
         self.logits: torch.Tensor | None = None    # (B, V) each row's pending next-token logits
         self.metrics = {"decode_batch_sizes": Counter(), "prefill_batch_sizes": Counter(), "requests": 0,
                         "tokens": 0, "errors": 0, "finish_reasons": Counter()}
+        self._metrics_lock = threading.Lock()     # snapshot() is read from other threads
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -174,6 +175,10 @@ class Engine:
             self.step()
 
     def snapshot(self) -> dict:
+        with self._metrics_lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict:
         m = self.metrics
         sizes = m["decode_batch_sizes"]
         return {"requests": m["requests"], "tokens": m["tokens"], "errors": m["errors"],
@@ -233,7 +238,8 @@ class Engine:
                 keep.append(b)
             else:
                 self._finish(row, reason)
-        self.metrics["decode_batch_sizes"][len(self.rows)] += 1
+        with self._metrics_lock:
+            self.metrics["decode_batch_sizes"][len(self.rows)] += 1
         return keep, nxt
 
     def _advance(self, row: _Row, tok: int) -> str | None:
@@ -254,9 +260,10 @@ class Engine:
         rest, text = row.stream.final(row.ids)
         if rest and reason != "cancelled":
             row.req.on_event(Event("text", rest))
-        self.metrics["requests"] += 1
-        self.metrics["tokens"] += len(row.ids)
-        self.metrics["finish_reasons"][reason] += 1
+        with self._metrics_lock:
+            self.metrics["requests"] += 1
+            self.metrics["tokens"] += len(row.ids)
+            self.metrics["finish_reasons"][reason] += 1
         row.req.on_event(Event("done", text, reason, len(row.ids)))
 
     def _choose(self) -> torch.Tensor:
@@ -321,7 +328,8 @@ class Engine:
                         device=self.device)
         padded = any(len(p) < P for p in prompts)
         logits = self.model(tokens, cache=cache, attention_mask=valid if padded else None)[:, -1]
-        self.metrics["prefill_batch_sizes"][len(reqs)] += 1
+        with self._metrics_lock:
+            self.metrics["prefill_batch_sizes"][len(reqs)] += 1
         parts = [(cache.k, cache.v, valid, tokens)]
         if self.rows:
             c = self.cache
