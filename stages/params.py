@@ -128,9 +128,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             built[name] = build(cls, raw.get(name), name, source=str(path))
         except ConfigError as err:
             problems.append(str(err).split(": ", 1)[1])
-    if problems:
-        raise ConfigError(f"{path}: " + "; ".join(problems))
-    problems += cross_section_problems(built)
+    problems += cross_section_problems(built)       # those between the sections that did build
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return Params(**built, raw=raw, path=path)
@@ -141,14 +139,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def cross_section_problems(built: dict[str, Any]) -> list[str]:
-    """Values each valid on their own that together make a stage fail or its output useless."""
-    model, sft, gen, tok = built["model"], built["sft"], built["generate"], built["tokenizer"]
+    """Values each valid on their own that together make a stage fail or its output useless (checked
+    among the sections in ``built``: one that failed to build is reported on its own)."""
+    if any(name not in built for name in ("model", "tokenizer")):
+        return []
+    model, tok = built["model"], built["tokenizer"]
     ctx = model.context_length
     problems: list[str] = []
+    if "lora" in built:
+        problems += _lora_target_problems(built["lora"], model)
+    if "sft" not in built:
+        return problems
+    sft = built["sft"]
     if sft.max_length > ctx:
         problems.append(f"sft.max_length ({sft.max_length}) is longer than the model supports "
                         f"(model.context_length = {ctx}); lower it or set 0 (= the context length)")
-    problems += _lora_target_problems(built["lora"], model)
     # an SFT example is BOS + prompt + response + EOS, cut to max_length + 1 tokens; one whose BOS + prompt
     # fills max_length is dropped (nothing to learn), so BOS + the shortest prompt must leave a position
     template = _template_tokens(sft.template, tok)
@@ -161,6 +166,9 @@ def cross_section_problems(built: dict[str, Any]) -> list[str]:
         problems.append(f"BOS + sft.template with even a one-token instruction take at least {1 + template} "
                         f"tokens but {what}, so no response token would fit and every SFT example would be "
                         f"dropped; {fix} to well above {1 + template} or shorten sft.template")
+    if "generate" not in built:
+        return problems
+    gen = built["generate"]
     # the generate stage fits prompt + max_new_tokens in the context by cutting the prompt's start
     prompts = {f"prompt {p!r}": 1 + _min_tokens(p, tok) for p in gen.prompts}
     if gen.sft_questions and template is not None:
@@ -170,9 +178,9 @@ def cross_section_problems(built: dict[str, Any]) -> list[str]:
         if longest + gen.max_new_tokens > ctx:
             room = (f"lower generate.max_new_tokens to at most {ctx - longest}" if ctx > longest else
                     "raise model.context_length")
-            problems.append(f"generate.max_new_tokens ({gen.max_new_tokens}) + the {name} (at least "
-                            f"{longest} tokens with BOS) exceed model.context_length ({ctx}), so the prompt "
-                            f"would be cut; {room} or shorten the prompt")
+            problems.append(f"generate.max_new_tokens ({gen.max_new_tokens}) + at least {longest} tokens "
+                            f"(BOS included) of the {name} exceed model.context_length ({ctx}), so the "
+                            f"prompt would be cut; {room} or shorten the prompt")
     return problems
 
 
