@@ -10,34 +10,10 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 from .config import DEFAULT_TEMPLATE, Precision, SampleConfig, build, load_yaml, template_problems
-from .errors import CheckpointError, ConfigError, DataError, MinilmError
-
-
-def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main(argv)`` and turn its outcome into an exit code.
-
-    MinilmError -> ``error: <message>`` on stderr, its ``exit_code`` (2); Ctrl-C -> ``interrupted``, 130;
-    ``SystemExit`` (argparse's --help / usage errors) -> its code; otherwise main's int, or 0.
-    """
-    try:
-        code = main(argv)
-    except MinilmError as err:
-        message = " ".join(str(err).splitlines()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as exit_:
-        if exit_.code is None or isinstance(exit_.code, int):
-            return exit_.code or 0
-        print(exit_.code, file=sys.stderr)
-        return 1
-    return int(code or 0)
-
+from .errors import CheckpointError, ConfigError, DataError, MinilmError, run_main  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # minilm-sample

@@ -7,6 +7,9 @@ problem and the fix; command-line entry points print it without a traceback and 
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class MinilmError(Exception):
     """An expected, user-actionable error. ``str(err)`` is one line: the problem and the fix."""
@@ -32,3 +35,26 @@ class TrainingError(MinilmError):
 
 class TrackingError(MinilmError):
     """The experiment tracker (MLflow) cannot be reached or used."""
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main(argv)`` and turn its outcome into an exit code.
+
+    MinilmError -> ``error: <message>`` on stderr, its ``exit_code`` (2); Ctrl-C -> ``interrupted``, 130;
+    ``SystemExit`` (argparse's --help / usage errors) -> its code; otherwise main's int, or 0.
+    """
+    try:
+        code = main(argv)
+    except MinilmError as err:
+        message = " ".join(str(err).splitlines()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    return int(code or 0)

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from minilm.cli import run_main
+from minilm.errors import run_main
 from minilm.data import encode_corpus
 from minilm.tokenizer import load_tokenizer
 
 from .common import CORPUS, ENCODED, flat_numbers, setup, stage_run, tokenizer_path
+
+PARAMS = ["encode"]                   # project.progress is display only
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,14 +10,16 @@ Writes out/evaluate/metrics.json (DVC metrics) and results.csv (the same table, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 
 from minilm.checkpoint import check_compatible, load_model
-from minilm.cli import run_main
+from minilm.errors import run_main
 from minilm.pairs import read_pairs
 from minilm.data import LMBatches, load_tokens, read_meta
 from minilm.evaluation import lm_metrics, split_bytes_per_token
-from minilm.fileio import write_json, write_text
+from minilm.fileio import check_writable, write_json, write_text
 from minilm.precision import resolve_device
 from minilm.sft import encode_pairs, response_loss
 from minilm.tokenizer import load_tokenizer
@@ -25,16 +27,23 @@ from minilm.train import evaluate_loss
 
 from .common import ENCODED, EVALUATE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
 
+PARAMS = ["evaluate", "model", "sft", "project.device"]   # model: the checkpoints must match it
+
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("evaluate", __doc__, argv)
     cfg = params.evaluate
     device = resolve_device(params.project.device)
     base_path = PRETRAIN / "best.safetensors"
-    with stage_run("evaluate", params, ["evaluate", "project", "sft"], out_dir=EVALUATE,
+    check_writable(EVALUATE)
+    tok = load_tokenizer(tokenizer_path())
+    model_cfg = dataclasses.replace(params.model, vocab_size=tok.vocab_size)
+    with stage_run("evaluate", params, ["evaluate", "model", "project", "sft"], out_dir=EVALUATE,
                    inputs={"base_model": base_path, "sft_model": MERGED, "encoded": ENCODED / "meta.json",
-                           "sft_val": SFT_VAL}) as run:
-        tok = load_tokenizer(tokenizer_path())
+                           "sft_val": SFT_VAL, "tokenizer": tokenizer_path()},
+                   parent_metrics=[f"{m}.{d}.{k}" for m in ("base", "sft") for d, k in
+                                   (("val_text", "loss"), ("val_text", "bits_per_byte"),
+                                    ("sft_val_responses", "loss"))]) as run:
         meta = read_meta(ENCODED)
         tokens, n_bytes = split_bytes_per_token(meta)
         pairs = read_pairs(SFT_VAL)
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for name, path in (("base", base_path), ("sft", MERGED)):
             model, ckpt = load_model(path, device)
-            check_compatible(ckpt, path, tokenizer_hash=tok.hash)
+            check_compatible(ckpt, path, model_cfg, tokenizer_hash=tok.hash)
             T = ckpt.model_config.context_length
             windows = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed
                                 ).eval_batches(cfg.batches, seed=cfg.seed)

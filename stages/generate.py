@@ -8,15 +8,17 @@ import dataclasses
 import json
 
 from minilm.checkpoint import check_compatible, load_model
-from minilm.cli import run_main
+from minilm.errors import run_main
 from minilm.config import SampleConfig
 from minilm.pairs import read_pairs
-from minilm.fileio import write_text
+from minilm.fileio import check_writable, write_text
 from minilm.precision import inference_dtype, resolve_device
 from minilm.sampling import generate
 from minilm.tokenizer import load_tokenizer
 
 from .common import GENERATE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
+
+PARAMS = ["generate", "model", "sft", "project.device"]   # model: the checkpoints must match it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,12 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(params.project.device)
     dtype = inference_dtype(cfg.precision, device)
     base_path = PRETRAIN / "best.safetensors"
-    with stage_run("generate", params, ["generate", "project", "sft"], out_dir=GENERATE,
+    check_writable(GENERATE)            # a read-only out/ fails now, not after all the decoding
+    tok = load_tokenizer(tokenizer_path())
+    model_cfg = dataclasses.replace(params.model, vocab_size=tok.vocab_size)
+    with stage_run("generate", params, ["generate", "model", "project", "sft"], out_dir=GENERATE,
                    inputs={"base_model": base_path, "sft_model": MERGED, "tokenizer": tokenizer_path(),
                            "sft_val": SFT_VAL}) as run:
-        tok = load_tokenizer(tokenizer_path())
         base, base_ckpt = load_model(base_path, device)
-        check_compatible(base_ckpt, base_path, tokenizer_hash=tok.hash)
+        check_compatible(base_ckpt, base_path, model_cfg, tokenizer_hash=tok.hash)
         base.to(dtype)
         run.set_tags({"generate.dtype": str(dtype).removeprefix("torch.")})
         records = [{"model": "base", "prompt": p, "completion": c}
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             marker = params.sft.template.split("{instruction}")[0].strip() or "###"
             answer_cfg = dataclasses.replace(sampling, stop=[*sampling.stop, marker], min_new_tokens=0)
             sft_model, sft_ckpt = load_model(MERGED, device)
-            check_compatible(sft_ckpt, MERGED, tokenizer_hash=tok.hash)
+            check_compatible(sft_ckpt, MERGED, model_cfg, tokenizer_hash=tok.hash)
             sft_model.to(dtype)
             answers = generate(sft_model, tok, prompts, answer_cfg, device=device)
             records += [{"model": "sft", "prompt": p, "completion": a.strip(), "reference": ref}

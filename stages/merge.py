@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from minilm.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from minilm.cli import run_main
+from minilm.errors import run_main
 from minilm.pairs import read_pairs
 from minilm.errors import CheckpointError
 from minilm.fileio import sha256_file, write_json
@@ -18,13 +18,16 @@ from minilm.tokenizer import load_tokenizer
 
 from .common import ADAPTER, MERGE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
 
+PARAMS = ["sft.template"]             # recorded in the merged model, so chat and serving render turns alike
+
 BASE = PRETRAIN / "best.safetensors"
 
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("merge", __doc__, argv)
     with stage_run("merge", params, [], out_dir=MERGE,
-                   inputs={"base_model": BASE, "adapter": ADAPTER / "adapter_model.safetensors"}) as run:
+                   inputs={"base_model": BASE, "adapter": ADAPTER / "adapter_model.safetensors",
+                           "tokenizer": tokenizer_path()}) as run:
         base = load_checkpoint(BASE)
         base_sha = sha256_file(BASE)
         adapter = read_adapter(ADAPTER)
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         load_model_state(merged, merged_state)            # strict: a plain model, no LoRA keys
         save_checkpoint(MERGED, merged, step=base.step, extra={
             "tokenizer_sha256": base.meta.get("extra", {}).get("tokenizer_sha256"),
+            "sft_template": params.sft.template,
             "merged_from": {"base_sha256": base_sha, "adapter_sha256":
                             sha256_file(ADAPTER / "adapter_model.safetensors")}})
 

@@ -7,12 +7,14 @@ your own text file, directory or pairs file (JSONL/CSV/Parquet/plain text) to us
 
 from __future__ import annotations
 
-from minilm.cli import run_main
+from minilm.errors import run_main
 from minilm.corpus import write_corpus
 from minilm.pairs import write_sft
 from minilm.fileio import write_json
 
 from .common import CORPUS, DATA, OUT, flat_numbers, setup, stage_run
+
+PARAMS = ["data"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,10 @@
 """pretrain: train the base language model on out/encoded per params `model` and `pretrain`.
 
-Writes out/pretrain/{last,best}.safetensors, metrics.json, history.csv and loss.png. If `last` exists
-and was written with the same params, training resumes from it (continuing the same MLflow run); a
-changed param starts afresh. SIGINT/SIGTERM save `last` before exiting.
+Writes out/pretrain/{last,best}.safetensors, metrics.json, history.csv, loss.png; wall time and
+throughput go to the run record out/runs/pretrain.json and MLflow. If `last` was written with the same params
+and code, training resumes from it (continuing the same MLflow run); raising only `max_steps` continues a
+finished run (with `schedule: wsd`, from its stable-phase checkpoint, exactly as a longer run would); any
+other change starts afresh. SIGINT/SIGTERM save `last` before exiting.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from minilm.cli import run_main
+from minilm.errors import run_main
 from minilm.config import to_dict
 from minilm.data import LMBatches, load_tokens, read_meta
 from minilm.errors import TrainingError
@@ -21,8 +23,10 @@ from minilm.precision import resolve_device
 from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
-from .common import (ENCODED, PRETRAIN, code_fingerprint, resumable, setup, stage_run,
-                     stop_if_interrupted, tokenizer_path, write_curves)
+from .common import ENCODED, PRETRAIN, setup, stage_run, tokenizer_path
+from .training import resume_run_id, stage_fingerprint, stop_if_interrupted, timings, write_curves
+
+PARAMS = ["model", "pretrain", "project.device"]     # what dvc.yaml lists (progress and mlflow: display only)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,23 +42,26 @@ def main(argv: list[str] | None = None) -> None:
     evals = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed)
     eval_batches = evals.eval_batches(cfg.eval_batches, seed=cfg.seed)
     run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(cfg), "tokenizer_sha256": tok.hash,
-                  "data_sha256": meta.get("source_sha256"), "code_sha256": code_fingerprint()}
-    resume, resume_id = resumable(PRETRAIN, run_config, cfg.max_steps)
+                  "data_sha256": meta.get("source_sha256"), "code_sha256": stage_fingerprint("pretrain")}
+    resume_id = resume_run_id(PRETRAIN, run_config, cfg)
 
     device = resolve_device(params.project.device)
     import torch
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     n_params = model.num_parameters()
+    facts: dict = {}
     with stage_run("pretrain", params, ["model", "pretrain", "project"], out_dir=PRETRAIN,
                    inputs={"encoded": ENCODED / "meta.json", "tokenizer": tokenizer_path()},
-                   resume_run_id=resume_id, tags={"minilm.parameters": n_params}) as run:
+                   resume_run_id=resume_id, tags={"minilm.parameters": n_params}, facts=facts,
+                   parent_metrics=["train_loss", "val_loss", "final_best_val_loss",
+                                   "final_best_val_bits_per_byte"]) as run:
         print(f"pretrain: {n_params / 1e6:.2f}M parameters, {cfg.max_steps} steps of "
               f"{cfg.batch_size * cfg.grad_accum}x{T} tokens on {device}"
               + (f" (resuming run {resume_id})" if resume_id else ""))
         result = train(model, data, cfg, out_dir=PRETRAIN, eval_batches=eval_batches, logger=run,
-                       run_config=run_config, progress=params.project.progress, resume=resume,
-                       checkpoint_extra={"mlflow_run_id": run.run_id, "tokenizer_sha256": tok.hash})
+                       run_config=run_config, progress=params.project.progress,
+                       checkpoint_extra={"tokenizer_sha256": tok.hash}, last_extra={"mlflow_run_id": run.run_id})
         stop_if_interrupted("pretrain", result)
         write_curves(result.history, PRETRAIN, "pretrain loss")
         tokens, n_bytes = split_bytes_per_token(meta)
@@ -62,10 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"best_val_loss": val["loss"], "best_val_perplexity": val["perplexity"],
                    "best_val_bits_per_byte": val.get("bits_per_byte", math.nan),
                    "last_val_loss": result.last_val_loss, "steps": result.step,
-                   "parameters": n_params, "train_seconds": result.seconds,
-                   "resumed_from_step": result.resumed_from, "skipped_steps": result.skipped_steps}
+                   "parameters": n_params, "skipped_steps": result.skipped_steps}
         write_json(PRETRAIN / "metrics.json", metrics)
+        facts.update(timings(result))
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result.step)
+        run.log_metrics({k: facts[k] for k in ("train_seconds", "resumed_from_step")}, step=result.step)
         for name in ("metrics.json", "history.csv", "loss.png"):
             run.log_artifact(PRETRAIN / name)
         if params.mlflow.log_checkpoints:

@@ -3,11 +3,13 @@ per params `tokenizer`. Writes out/tokenizer/tokenizer.model (or tokenizer.json)
 
 from __future__ import annotations
 
-from minilm.cli import run_main
+from minilm.errors import run_main
 from minilm.fileio import write_json
 from minilm.tokenizer import train_tokenizer
 
 from .common import CORPUS, TOKENIZER, setup, stage_run
+
+PARAMS = ["tokenizer"]
 
 
 def main(argv: list[str] | None = None) -> None:

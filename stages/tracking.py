@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +53,8 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev",
                 "DVC_STAGE": "dvc.stage"}
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces); ours is model training
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 RETRY_PAUSE_S = 30.0           # after a failure, calls are not attempted again for this long
 MAX_BUFFERED = 100_000         # metric records kept while the tracker is down
 MAX_FAILURES_KEPT = 20
@@ -236,6 +238,8 @@ def _experiment_id(client, name: str, uri: str) -> str:
             raise TrackingError(f"MLflow experiment {name!r} in {uri} is deleted; restore it (mlflow "
                                 f"experiments restore --experiment-id {exp.experiment_id}) or set "
                                 "mlflow.experiment to another name")
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     db = _sqlite_path(uri)
@@ -245,7 +249,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
             folder = folder.replace(".", "_")
         location = safe_join(db.parent / "mlartifacts", folder).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -286,7 +290,7 @@ class StageRun:
 
     def __init__(self, client, run_id: str, cfg: TrackingConfig, tracking_uri: str, *,
                  parent_run_id: str | None = None, logged_params: dict[str, str] | None = None,
-                 last_steps: dict[str, int] | None = None):
+                 last_steps: dict[str, int] | None = None, mirror: Mapping[str, str] | None = None):
         self._client = client
         self.run_id = run_id
         self.cfg = cfg
@@ -294,7 +298,8 @@ class StageRun:
         self.parent_run_id = parent_run_id
         self._params: dict[str, str] = dict(logged_params or {})
         self._last_steps: dict[str, int] = dict(last_steps or {})
-        self._buffer: list[Any] = []
+        self._buffer: list[tuple[str, Any]] = []        # (run id, Metric)
+        self._mirror = dict(mirror or {}) if parent_run_id else {}   # metric key -> key on the parent
         self._paused_until = 0.0
         self.failures: list[str] = []
         self.failure_count = 0
@@ -355,7 +360,9 @@ class StageRun:
             if len(self._buffer) >= MAX_BUFFERED:
                 self._record(f"metric {key}", "buffer full while tracking is down; dropped")
                 continue
-            self._buffer.append(Metric(key, number, now, int(step)))
+            self._buffer.append((self.run_id, Metric(key, number, now, int(step))))
+            if key in self._mirror:
+                self._buffer.append((self.parent_run_id, Metric(self._mirror[key], number, now, int(step))))
         if len(self._buffer) >= self.cfg.flush_every:
             self.flush()
 
@@ -364,12 +371,17 @@ class StageRun:
         if not self._buffer or time.monotonic() < self._paused_until:
             return not self._buffer
         pending = self._buffer
-        for start in range(0, len(pending), _BATCH_METRICS):
-            chunk = pending[start:start + _BATCH_METRICS]
-            if not self._call("log_batch", self._client.log_batch, self.run_id, metrics=chunk,
-                              synchronous=True):
+        start = 0
+        while start < len(pending):
+            run_id = pending[start][0]
+            end = start
+            while end < len(pending) and end - start < _BATCH_METRICS and pending[end][0] == run_id:
+                end += 1
+            chunk = [metric for _, metric in pending[start:end]]
+            if not self._call("log_batch", self._client.log_batch, run_id, metrics=chunk, synchronous=True):
                 self._buffer = pending[start:]
                 return False
+            start = end
         self._buffer = []
         return True
 
@@ -458,14 +470,19 @@ class StageRun:
 
 def start_run(cfg: TrackingConfig, stage: str, params: Mapping[str, Any], *,
               tags: Mapping[str, Any] | None = None, group: str | None = None,
-              resume_run_id: str | None = None) -> StageRun:
+              resume_run_id: str | None = None, parent_metrics: Iterable[str] = ()) -> StageRun:
     """Open the MLflow run of ``stage`` (new, or ``resume_run_id`` reopened); see the module docstring.
+
+    ``parent_metrics`` are also logged on the group's parent run as ``<stage>/<key>``, so the
+    experiment's top-level rows (one per pipeline run) carry the curves and headline figures that the
+    MLflow UI's chart view compares side by side.
 
     Raises :class:`TrackingError` when the tracker cannot be reached or refuses the run.
     """
     uri = check_tracking(resolve_uri(cfg.tracking_uri), cfg.timeout_s)
     client = _client(uri, cfg)
     errors = _store_errors()
+    mirror = {_key(k): _key(f"{stage}/{k}") for k in parent_metrics}
     all_tags = {**_context_tags(run_info()), "minilm.stage": stage,
                 **{str(k): str(v) for k, v in (tags or {}).items() if v is not None}}
     try:
@@ -478,11 +495,11 @@ def start_run(cfg: TrackingConfig, stage: str, params: Mapping[str, Any], *,
             last_steps = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
                           for key in run.data.metrics}
             srun = StageRun(client, run.info.run_id, cfg, uri, parent_run_id=parent,
-                            logged_params=dict(run.data.params), last_steps=last_steps)
+                            logged_params=dict(run.data.params), last_steps=last_steps, mirror=mirror)
         else:
             run = client.create_run(experiment_id, run_name=stage,
                                     tags={_key(k): v[:_MAX_TAG] for k, v in all_tags.items()})
-            srun = StageRun(client, run.info.run_id, cfg, uri, parent_run_id=parent)
+            srun = StageRun(client, run.info.run_id, cfg, uri, parent_run_id=parent, mirror=mirror)
         if parent:
             client.update_run(parent, status="RUNNING")
     except errors as err:

@@ -250,7 +250,8 @@ def _check_resume(ref: Path, chain: Path, name: str, stops: list[Stop], steps: i
         if s.signum == signal.SIGKILL:
             assert s.rc == -signal.SIGKILL
     metrics, metrics_ref = (json.loads((d / "metrics.json").read_text()) for d in (out, out_ref))
-    assert metrics["resumed_from_step"] == stops[-1].saved_step
+    record = json.loads((chain / "out" / "runs" / f"{name}.json").read_text())
+    assert record["resumed_from_step"] == stops[-1].saved_step
     # bit-identical weights, optimizer state and RNG state; equal losses
     for f in ("best.safetensors", "last.safetensors"):
         same_tensors(out / f, out_ref / f)
@@ -300,7 +301,7 @@ def test_resumed_stage_continues_one_mlflow_run_without_duplicate_or_missing_ste
     assert hist == hist_ref                                              # and the same values
     _, val = mlflow_history(chain, name, "val_loss")
     assert [s for s, _ in val] == list(range(10, steps + 1, 10))
-    assert json.loads((chain / "out" / name / "run.json").read_text())["run_id"] == run_id
+    assert json.loads((chain / "out" / "runs" / f"{name}.json").read_text())["run_id"] == run_id
     assert read_meta(chain / "out" / name / "last.safetensors")["extra"]["mlflow_run_id"] == run_id
 
 

@@ -158,6 +158,26 @@ def test_every_stage_is_an_mlflow_run_with_params_metrics_and_lineage(repo):
     assert len(parents) == 1 and None not in parents
 
 
+def test_the_experiment_opens_as_model_training_with_comparable_parent_rows(repo):
+    """MLflow 3 opens an untagged experiment in its GenAI view; the top-level rows (one parent per
+    pipeline run) carry the loss curves and headline metrics, so the chart view compares pipeline runs
+    with no set-up."""
+    client, runs = mlflow_runs(repo)
+    exp = client.get_experiment_by_name("minilm")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = [r for r in runs if r.info.run_name.startswith("pipeline:")]
+    metrics = parent.data.metrics
+    for key in ("pretrain/final_best_val_loss", "pretrain/final_best_val_bits_per_byte",
+                "sft/final_best_val_response_loss", "evaluate/sft.val_text.bits_per_byte",
+                "evaluate/sft.sft_val_responses.loss", "evaluate/base.sft_val_responses.loss"):
+        assert key in metrics, (key, sorted(metrics))
+    pre = next(r for r in runs if r.info.run_name == "pretrain")
+    assert metrics["pretrain/final_best_val_loss"] == pre.data.metrics["final_best_val_loss"]
+    curve = client.get_metric_history(parent.info.run_id, "pretrain/train_loss")
+    assert [m.step for m in curve] == [5, 10, 15, 20, 25, 30]
+    assert [m.value for m in curve] == [m.value for m in client.get_metric_history(pre.info.run_id, "train_loss")]
+
+
 def test_second_repro_does_nothing(repo):
     proc = sh(repo, "dvc", "repro")
     out = proc.stdout + proc.stderr
