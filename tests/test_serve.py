@@ -378,3 +378,20 @@ def test_text_stream_holds_back_a_possible_stop_string():
     out = [stream.push(list(range(n))) for n in range(1, 6)]
     assert out == [("Hello", False), (" wor", False), ("ld ", False), ("", False), ("", True)]
     assert stream.final(list(range(5))) == ("", "Hello world ")
+
+
+def test_serving_benchmark_row_runs_and_both_servers_agree(monkeypatch):
+    """benchmarks row 7 end to end at toy size (two real servers, 1/4/16 clients); no timing asserted."""
+    import math
+
+    from benchmarks import serving
+    from benchmarks.harness import Context
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    row = serving.run(Context(quick=True, repeats=1, warmup=1, min_seconds=0.0, compile=False,
+                              log=lambda msg: None))
+    assert [(ln["clients"], ln["metric"]) for ln in row["lines"]] == [
+        (c, m) for c in serving.CLIENTS for m in ("requests/s", "tokens/s")]
+    for ln in row["lines"]:
+        assert math.isfinite(ln["minilm"]) and math.isfinite(ln["baseline"]) and ln["ratio"] > 0
+        assert ln["same_text_as_serial"] == 1.0, ln
