@@ -173,8 +173,9 @@ def read_gguf_info(path: str | os.PathLike) -> dict[str, Any]:
 
     try:
         reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as err:
-        raise MinilmError(f"{path} is not a readable GGUF file ({err}); export it again") from None
+    except Exception as err:   # gguf's reader fails on a truncated file with IndexError, ValueError...
+        raise MinilmError(f"{path} is not a readable GGUF file ({type(err).__name__}: "
+                          f"{str(err)[:120]}); export it again") from None
     arch = reader.get_field("general.architecture")
     return {"architecture": bytes(arch.parts[-1]).decode() if arch else None,
             "tensors": len(reader.tensors),

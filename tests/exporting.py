@@ -64,3 +64,22 @@ SHAPES = {   # name -> model keyword arguments: every attention layout, tied and
     "mqa-tied": dict(n_kv_head=1),
     "mqa-untied-bias": dict(n_kv_head=1, tie_embeddings=False, bias=True, ffn_hidden=96),
 }
+
+
+def trained_model(tokenizer, corpus_path: Path, steps: int = 40, **kw) -> GPT:
+    """A tiny model trained briefly on ``corpus_path``: confident, text-like predictions (a random model's
+    near-ties say little about how a quantized copy keeps its choices)."""
+    ids = torch.tensor(tokenizer.encode(corpus_path.read_text(encoding="utf-8")[:150_000]))
+    model = tiny_model(tokenizer.vocab_size, init_std=0.02, **kw).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    T = 48
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - T - 1, (8,), generator=g)
+        x = torch.stack([ids[s:s + T] for s in starts])
+        y = torch.stack([ids[s + 1:s + T + 1] for s in starts])
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
