@@ -156,10 +156,6 @@ class Case:
     check: Callable[[Path, str], None] | None = None     # more to assert, given the repo and the line
 
 
-def assert_any(line: str, needles: tuple[str, ...]) -> None:
-    assert any(n in line for n in needles), line
-
-
 def kept_last_good(bad_steps: int) -> Callable[[Path, str], None]:
     """`last` is the run's last finite step: just before the ``bad_steps`` non-finite ones that ended it."""
     def check(repo: Path, line: str) -> None:
@@ -198,10 +194,9 @@ CASES = {
         "sft", params({"sft": {"max_length": 128}}),
         ("sft.max_length (128) is longer than the model supports", "lower it or set 0")),
     "context-longer-than-base-checkpoint": Case(
-        "sft", params({"model": {"context_length": 128}, "sft": {"max_length": 128}}), ("128", "64"),
-        check=lambda repo, line: assert_any(line, (        # (the second once the sft stage checks the base)
-            "sft.max_length (128) exceeds the model's context_length (64); lower it or set 0",
-            "was trained with model.context_length=64 (params say 128)"))),
+        "sft", params({"model": {"context_length": 128}, "sft": {"max_length": 128}}),
+        (f"{BASE} was trained with model.context_length=64 (params say 128)",
+         "rerun the stage that trains it (e.g. `dvc repro pretrain`) or restore the params")),
     "lora-targets-match-nothing": Case("sft", params({"lora": {"targets": ["qkv_proj"]}}),
                                        ("lora.targets ['qkv_proj'] match no linear layer",
                                         "valid names: q_proj")),
@@ -276,7 +271,8 @@ CASES = {
         "sft", params({"model": {"d_model": 32}}),
         (f"{BASE} was trained with model.d_model=64", "params")),
     "checkpoint-vs-retrained-tokenizer": Case(
-        "sft", retrained_tokenizer, ("tokenizer", f"{BASE}", "dvc repro")),
+        "sft", retrained_tokenizer, (f"{BASE} was trained with another tokenizer (sha256 ",
+                                     "rerun the stage that trains it (e.g. `dvc repro pretrain`)")),
     # ---- training numerics (lr 1000 blows the weights up within a few steps)
     "non-finite-loss": Case(
         "pretrain", params({"pretrain": {"lr": 1000.0, "warmup_steps": 0, "save_every": 1,
@@ -290,6 +286,203 @@ CASES = {
         ("3 non-finite steps (more than max_skipped=2)", "lower lr"),
         may_change=("out/pretrain/last.safetensors",), check=kept_last_good(3)),
 }
+
+
+# ---- round two: each class with several values (issue 17)
+
+STAGES = ("prepare", "tokenizer", "encode", "pretrain", "sft", "merge", "evaluate", "generate")
+
+
+def append_text(text: str) -> Callable[[Path], None]:
+    def setup(repo: Path) -> None:
+        with open(repo / "params.yaml", "a") as fh:
+            fh.write(text)
+    return setup
+
+
+def duplicate_lines(key: str) -> Callable[[Path, str], None]:
+    """The error names the two lines where ``key:`` is written (the first and the last)."""
+    def check(repo: Path, line: str) -> None:
+        where = [i for i, text in enumerate((repo / "params.yaml").read_text().splitlines(), 1)
+                 if text.lstrip().startswith(f"{key}:")]
+        assert f"duplicate key {key!r} at lines {where[0]} and {where[-1]}" in line, (where, line)
+    return check
+
+
+def never_advise_replace(repo: Path, line: str) -> None:
+    assert "invalid_utf8: replace" not in line and "bad_records: skip" not in line, line
+
+
+def binary(n: int = 20000, seed: int = 0) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+TEXT = "All work and no play makes a dull model.\n\nIt reads the same line again and again.\n\n" * 100
+
+
+def corpus_dir_with_one_binary(repo: Path) -> None:
+    (repo / "texts").mkdir()
+    (repo / "texts/a.txt").write_text(TEXT)
+    (repo / "texts/b.txt").write_bytes(binary())
+    (repo / "texts/c.md").write_text(TEXT)
+    set_params(repo, {"data": {"corpus": "texts"}})
+
+
+def fifo_params(repo: Path) -> None:
+    import os
+
+    os.mkfifo(repo / "fifo.yaml")
+
+
+NAN, INF = float("nan"), float("inf")
+for stage_name, section, key, value in [
+        ("pretrain", "pretrain", "lr", NAN), ("pretrain", "pretrain", "lr", INF),
+        ("sft", "sft", "min_lr", -INF), ("generate", "generate", "temperature", NAN),
+        ("generate", "generate", "top_p", INF), ("prepare", "model", "rope_base", INF),
+        ("merge", "lora", "alpha", NAN), ("prepare", "data", "corpus_max_mb", INF),
+        ("evaluate", "model", "norm_eps", NAN), ("tokenizer", "tokenizer", "character_coverage", NAN)]:
+    CASES[f"non-finite-{section}.{key}={value}"] = Case(
+        stage_name, params({section: {key: value}}), (f"{section}.{key} must be a finite number, got {value}",))
+
+CASES.update({
+    # ---- a key written twice: an error naming the key and both places, never the last one silently
+    "duplicate-key-flow-mapping": Case("pretrain", params_text("pretrain: {lr: 0.002, lr: 50}\n"),
+                                       ("duplicate key 'lr' at line 1, columns 12 and 23", "keep one")),
+    "duplicate-key-in-section": Case("sft", params_text("sft:\n  lr: 0.002\n  max_steps: 4\n  lr: 50\n"),
+                                     ("duplicate key 'lr' at lines 2 and 4", "keep one")),
+    "duplicate-section": Case("generate", params_text("model:\n  n_layer: 2\npretrain:\n  lr: 0.002\n"
+                                                      "model:\n  n_layer: 4\n"),
+                              ("duplicate key 'model' at lines 1 and 5", "keep one")),
+    "duplicate-section-appended": Case("evaluate", append_text("pretrain:\n  lr: 50\n"),
+                                       ("keep one (YAML would silently use the last)",),
+                                       check=duplicate_lines("pretrain")),
+    "duplicate-key-in-list-item": Case("prepare", params_text("generate:\n  prompts:\n  - {text: a, text: b}\n"),
+                                       ("duplicate key 'text' at line 3, columns 6 and 15",)),
+    # ---- --params that is not a readable YAML file
+    "params-is-a-directory": Case("pretrain", lambda repo: None,
+                                  ("params file out is a directory", "pass --params PATH of a YAML file"),
+                                  args=("--params", "out")),
+    "params-is-the-cwd": Case("generate", lambda repo: None, ("params file . is a directory",),
+                              args=("--params", ".")),
+    "params-is-a-device": Case("prepare", lambda repo: None,
+                               ("params file /dev/null is not a regular file", "pass --params PATH"),
+                               args=("--params", "/dev/null")),
+    "params-is-a-fifo": Case("sft", fifo_params, ("params file fifo.yaml is not a regular file",),
+                             args=("--params", "fifo.yaml")),
+    "params-not-utf8": Case("evaluate", file("params.yaml", b"model:\n  n_layer: \xff\xfe\n"),
+                            ("params.yaml is not valid UTF-8 (byte 18)", "save it as UTF-8")),
+    # ---- sections that are valid alone but useless together: refused at load, naming what to change
+    "context-too-short-for-template": Case(
+        "pretrain", params({"model": {"context_length": 1}}),
+        ("BOS + sft.template with even a one-token instruction take at least 8 tokens but "
+         "model.context_length is 1", "raise model.context_length")),
+    "context-too-short-for-template-4": Case(
+        "prepare", params({"model": {"context_length": 4}}), ("take at least 8 tokens but "
+                                                              "model.context_length is 4",)),
+    "max-length-too-short-for-template": Case(
+        "sft", params({"sft": {"max_length": 6}}),
+        ("take at least 8 tokens but sft.max_length is 6", "raise sft.max_length (or set 0")),
+    "template-longer-than-context": Case(
+        "evaluate", params({"sft": {"template": "Answer the question below. " * 40 + "\n{instruction}\n"
+                                                "### Response:\n"}}),
+        ("tokens but model.context_length is 64", "raise model.context_length", "or shorten sft.template")),
+    "max-new-tokens-huge": Case(
+        "generate", params({"generate": {"max_new_tokens": 1_000_000_000}}),
+        ("generate.max_new_tokens (1000000000) + at least 8 tokens (BOS included) of the SFT prompt "
+         "(sft.template with an instruction) exceed model.context_length (64), so the prompt would be cut",
+         "lower generate.max_new_tokens to at most 56")),
+    "max-new-tokens-equal-to-context": Case(
+        "pretrain", params({"generate": {"max_new_tokens": 64}}),
+        ("generate.max_new_tokens (64) +", "lower generate.max_new_tokens to at most 56")),
+    "max-new-tokens-vs-long-prompt": Case(
+        "sft", params({"generate": {"sft_questions": 0, "max_new_tokens": 56,
+                                    "prompts": ["The function", "The quick brown fox jumps over the dog. " * 4]}}),
+        ("generate.max_new_tokens (56) + at least 11 tokens (BOS included) of the prompt 'The quick brown fox",
+         "exceed model.context_length (64)",
+         "lower generate.max_new_tokens to at most 53 or shorten the prompt")),
+    # ---- lora.targets checked against the blocks' linear layers when any stage starts
+    "lora-target-unknown": Case("pretrain", params({"lora": {"targets": ["foo"]}}),
+                                ("lora.targets ['foo'] match no linear layer",
+                                 "valid names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj")),
+    "lora-target-typo-among-good": Case("prepare", params({"lora": {"targets": ["q_proj", "qv_proj"]}}),
+                                        ("lora.targets ['qv_proj'] match no linear layer",)),
+    "lora-target-wrong-parent": Case("merge", params({"lora": {"targets": ["mlp.q_proj", "self_attn.v_proj"]}}),
+                                     ("lora.targets ['mlp.q_proj'] match no linear layer",)),
+    "lora-target-layer-beyond-n_layer": Case("evaluate",
+                                             params({"lora": {"targets": ["layers.2.self_attn.q_proj"]}}),
+                                             ("lora.targets ['layers.2.self_attn.q_proj'] match no linear",
+                                              "'layers.1.self_attn.q_proj'")),
+    "lora-target-lm-head": Case("generate", params({"lora": {"targets": ["lm_head", "embed_tokens"]}}),
+                                ("lora.targets ['lm_head', 'embed_tokens'] match no linear layer",
+                                 "or ['all-linear']")),
+    # ---- every stage validates the whole file, all problems in one line
+    **{f"whole-file-checked-by-{stage_name}": Case(
+        stage_name, params({"lora": {"targets": ["foo"]}, "project": {"device": "cudax"},
+                            "generate": {"max_new_tokens": 100}}),
+        ("project.device must be auto, cpu, cuda or cuda:N", "; lora.targets ['foo'] match no linear layer",
+         "; generate.max_new_tokens (100) + at least 8 tokens")) for stage_name in STAGES},
+    # ---- project.device spelled wrong
+    **{f"device-{dev}": Case(stage_name, params({"project": {"device": dev}}),
+                             (f"project.device must be auto, cpu, cuda or cuda:N (N = a GPU index), got {dev!r}",))
+       for stage_name, dev in [("pretrain", "cudax"), ("prepare", "gpu"), ("sft", "cuda:-1"),
+                               ("generate", "CUDA"), ("encode", "mps"), ("evaluate", "cuda:0:1")]},
+    # ---- input that is not text: refused whatever invalid_utf8 / bad_records say, advice that works
+    "binary-corpus-replace": Case(
+        "prepare", file("blob.txt", binary(), {"data": {"corpus": "blob.txt", "invalid_utf8": "replace"}}),
+        ("blob.txt is not UTF-8 text (", "whatever data.invalid_utf8 says",
+         "it looks like a binary file: point data.corpus at UTF-8 text instead"), check=never_advise_replace),
+    "binary-corpus-error": Case(
+        "prepare", file("blob.txt", binary(seed=1), {"data": {"corpus": "blob.txt"}}),
+        ("blob.txt is not UTF-8 text (", "it looks like a binary file"), check=never_advise_replace),
+    "image-as-corpus": Case(
+        "prepare", lambda repo: (copy("out/pretrain/loss.png", "loss.txt")(repo),
+                                 set_params(repo, {"data": {"corpus": "loss.txt", "invalid_utf8": "replace"}})),
+        ("loss.txt is not UTF-8 text (", "it looks like a binary file"), check=never_advise_replace),
+    "utf16-corpus": Case(
+        "prepare", file("u16.txt", TEXT.encode("utf-16"), {"data": {"corpus": "u16.txt"}}),
+        ("u16.txt is not UTF-8 text (", "it looks like UTF-16 text", "iconv -f utf-16 -t utf-8 u16.txt"),
+        check=never_advise_replace),
+    "utf16-corpus-no-bom-replace": Case(
+        "prepare", file("u16.txt", TEXT.encode("utf-16-le"),
+                        {"data": {"corpus": "u16.txt", "invalid_utf8": "replace"}}),
+        ("u16.txt is not UTF-8 text (", "% of its first ", "it looks like UTF-16 text"), check=never_advise_replace),
+    "legacy-encoding-corpus-replace": Case(
+        "prepare", file("el.txt", ("Καλημέρα κόσμε, αυτό είναι ένα κείμενο.\n\n" * 300).encode("iso-8859-7"),
+                        {"data": {"corpus": "el.txt", "invalid_utf8": "replace"}}),
+        ("el.txt is not UTF-8 text (", "looks like text in another encoding", "iconv -f ENCODING -t utf-8"),
+        check=never_advise_replace),
+    "binary-file-in-corpus-directory": Case(
+        "prepare", corpus_dir_with_one_binary, ("texts/b.txt is not UTF-8 text (", "a binary file"),
+        check=never_advise_replace),
+    "binary-sft-jsonl-replace-skip": Case(
+        "prepare", file("pairs.jsonl", binary(4000), {"data": {"sft": "pairs.jsonl", "invalid_utf8": "replace",
+                                                               "bad_records": "skip"}}),
+        ("SFT data pairs.jsonl is not UTF-8 text (", "point data.sft at UTF-8 text"), check=never_advise_replace),
+    "binary-sft-jsonl-error": Case(
+        "prepare", file("pairs.jsonl", binary(4000, seed=2), {"data": {"sft": "pairs.jsonl"}}),
+        ("SFT data pairs.jsonl is not UTF-8 text (", "a binary file"), check=never_advise_replace),
+    "utf16-sft-csv": Case(
+        "prepare", file("pairs.csv", ("instruction,response\n" + "What is it?,A thing.\n" * 30).encode("utf-16"),
+                        {"data": {"sft": "pairs.csv", "invalid_utf8": "replace"}}),
+        ("SFT data pairs.csv is not UTF-8 text (", "it looks like UTF-16 text", "iconv -f utf-16"),
+        check=never_advise_replace),
+})
+
+# device and precision against this machine: check_hardware(params), called by every stage at start
+# (stages.common.setup); "cpu" + fp16 is refused on any machine, and no machine has 100 GPUs
+UNTIL_WIRED = (pytest.mark.xfail(strict=True, reason="stages.common.setup does not call check_hardware yet"),)
+CASES.update({
+    "device-gpu-index-beyond-count": Case("prepare", params({"project": {"device": "cuda:99"}}),
+                                          ("project.device 'cuda:99' asks for",),
+                                          marks=UNTIL_WIRED),
+    **{f"fp16-on-cpu-{key}-in-{stage_name}": Case(
+        stage_name, params({"project": {"device": "cpu"}, key.split(".")[0]: {"precision": "fp16"}}),
+        (f"{key} fp16 needs a CUDA device (project.device is cpu); use bf16, fp32 or auto",), marks=UNTIL_WIRED)
+       for stage_name, key in [("prepare", "pretrain.precision"), ("encode", "sft.precision"),
+                               ("tokenizer", "generate.precision"), ("merge", "sft.precision")]},
+})
 
 
 @pytest.mark.parametrize("name", [pytest.param(k, marks=c.marks) for k, c in CASES.items()])
@@ -320,6 +513,19 @@ def test_invalid_utf8_replace_policy_in_prepare_and_encode(repo):
     (repo / "data/corpus.txt").write_bytes(invalid_utf8_file("corpus", 4321))
     stage(repo, "encode")
     assert json.loads((repo / "out/encoded/meta.json").read_text())["tokens"]["val"] > 0
+
+
+def test_nul_bytes_in_text_are_stripped_and_counted(repo):
+    (repo / "nul.txt").write_bytes(TEXT[:3000].encode() + b"\0\0" + TEXT[3000:].encode() + b"\0")
+    lines = [json.dumps({"instruction": f"Question\u0000 {i}?", "response": f"Answer {i}."}) for i in range(20)]
+    (repo / "pairs.jsonl").write_text(jsonl(*lines))
+    set_params(repo, {"data": {"corpus": "nul.txt", "sft": "pairs.jsonl"}})
+    stage(repo, "prepare")
+    stats = json.loads((repo / "out/prepare/stats.json").read_text())
+    assert stats["corpus"]["nul_stripped"] == 3 and stats["sft"]["nul_stripped"] == 20, stats
+    assert b"\0" not in (repo / "data/corpus.txt").read_bytes()
+    assert b"\\u0000" not in (repo / "data/sft_train.jsonl").read_bytes()
+    assert "Question 1?" in (repo / "data/sft_train.jsonl").read_text() + (repo / "data/sft_val.jsonl").read_text()
 
 
 def test_bad_records_skip_policy_counts_what_it_skipped(repo):
