@@ -313,12 +313,18 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
 def test_nonfinite_skip_counts_and_continues(tmp_path, byte_tokens):
     cfg = tiny_cfg(max_steps=12, eval_every=100, nonfinite="skip")
     model = NaNAfter(tiny_model(), bad_calls={3, 9})
-    before = None
+    weights = []                         # weights[i]: the model as forward call i + 1 saw it
+    model.register_forward_pre_hook(lambda m, args: weights.append(
+        torch.cat([p.detach().flatten().clone() for p in m.inner.parameters()])))
     result = train(model, LMBatches(byte_tokens, 4, 32, seed=1), cfg, out_dir=tmp_path / "skip",
                    progress=False)
     assert result.skipped_steps == 2 and result.step == 12
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert before is None
+    assert len(weights) >= 12            # one forward per step (grad_accum 1, no eval before step 12)
+    for bad in (3, 9):                   # a skipped step leaves the weights exactly as they were...
+        assert torch.equal(weights[bad - 1], weights[bad]), bad
+    for good in (2, 4, 8, 10):           # ...while a good step moves them
+        assert not torch.equal(weights[good - 1], weights[good]), good
 
 
 def test_best_checkpoint_uses_ema_weights_and_reloads(tmp_path, byte_tokens):
