@@ -16,6 +16,8 @@ from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, LoRAConfig, Mod
 from minilm.errors import ConfigError
 from minilm.schema import build, load_yaml, suggest
 
+from minilm.serve import ServeConfig
+
 from .tracking import TrackingConfig
 
 
@@ -87,6 +89,7 @@ def _sections() -> dict[str, type]:
         "sft": SFTConfig,
         "evaluate": EvaluateConfig,
         "generate": GenerateConfig,
+        "serve": ServeConfig,
     }
 
 
@@ -103,6 +106,7 @@ class Params:
     sft: Any
     evaluate: EvaluateConfig
     generate: GenerateConfig
+    serve: ServeConfig
     raw: dict[str, Any]
     path: Path
 
