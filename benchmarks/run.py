@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from minilm.fileio import write_json, write_text
 
-from . import finetune, generation, pipeline, quality, serving, training, utilisation
+from . import finetune, generation, llamacpp, pipeline, quality, serving, training, utilisation
 from .harness import ROOT, Context, load_average, machine_info
 from .report import render
 
@@ -33,6 +33,7 @@ ROWS: dict[int, tuple[str, str, Callable[[Context], dict[str, Any]]]] = {
     5: ("quality", "Quality at equal compute (tinyshakespeare, nanoGPT CPU config)", quality.run),
     6: ("pipeline", "Pipeline overhead (dvc repro)", pipeline.run),
     7: ("serving", "Serving (minilm-serve: continuous batching vs one request at a time)", serving.run),
+    8: ("llamacpp", "Decoding vs llama.cpp (batch 1, 256 new tokens, f16 and q8_0 GGUF)", llamacpp.run),
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results.json"
 
@@ -62,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
                    help="results JSON; the Markdown table goes beside it with a .md suffix "
                         "(default: benchmarks/results.json)")
     p.add_argument("--shakespeare", type=Path, default=None, metavar="PATH",
-                   help=f"tinyshakespeare.txt for row 5 (default: {quality.DEFAULT_PATH}; the row is skipped "
-                        "when it is absent)")
+                   help="tinyshakespeare.txt for row 5 (char-rnn's input.txt, 1.1 MB; not shipped with "
+                        "minilm: without it the row is skipped with a line saying so)")
     p.add_argument("--no-compile", action="store_true", help="do not time minilm under torch.compile")
     return p
 
