@@ -106,10 +106,17 @@ def test_layernorm_is_refused():
 
 def test_lora_model_must_be_merged_first():
     model = tiny()
-    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=["all-linear"]))
     with pytest.raises(ConfigError, match="merged_model"):
         to_transformers(model)
+    torch.manual_seed(1)
+    for layer in model.modules():        # a trained adapter (B != 0): with B = 0 "merged" is the base
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     x = torch.randint(0, VOCAB, (1, 20))
     with torch.no_grad():
-        torch.testing.assert_close(to_transformers(merged_model(model))(input_ids=x).logits, model(x),
-                                   rtol=1e-5, atol=1e-5)
+        base = tiny()(x)
+        with_adapter = model(x)
+        assert (with_adapter - base).abs().max() > 0.1          # the adapter changes the logits...
+        torch.testing.assert_close(to_transformers(merged_model(model))(input_ids=x).logits, with_adapter,
+                                   rtol=1e-5, atol=1e-5)         # ...and the exported model has it
