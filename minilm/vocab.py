@@ -52,7 +52,7 @@ class Vocab:
 
 
 def _proto(data: bytes, path: Path) -> Any:
-    from sentencepiece import sentencepiece_model_pb2 as pb   # needs protobuf
+    from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf
 
     proto = pb.ModelProto()
     try:
@@ -111,7 +111,8 @@ def hf_tokenizer_json(vocab: Vocab) -> str:
     """``tokenizer.json`` for Hugging Face ``tokenizers``: the same ids as minilm's SentencePiece model
     for any text (BPE with byte fallback; user-defined pieces matched first, on the raw text; spaces
     become U+2581 with no prefix; BOS prepended like minilm's ``encode(bos=True)``)."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
+    from tokenizers import AddedToken, decoders, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
 
     table = {vocab.surface(i): i for i in range(len(vocab))}
