@@ -475,16 +475,27 @@ def test_unknown_attention_backend_is_refused():
 @pytest.mark.parametrize("n_kv_head", [None, 2])
 def test_bf16_weights_cached_decode_matches_full_forward(n_kv_head):
     """Decoding with bf16 weights (generate.precision auto on bf16 hardware): the cached path (SDPA for one
-    query) and the full forward (the matmul kernel) agree to bf16 rounding, greedy choices included."""
-    model = tiny(n_kv_head=n_kv_head).to(torch.bfloat16)
-    x = ids(2, 24)
-    with torch.no_grad():
-        full = model(x).float()
-        cache = KVCache(model.config, 2, 24, dtype=torch.bfloat16)
-        steps = [model(x[:, :8], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(8, 24)]
-    cached = torch.cat(steps, 1).float()
-    assert (cached - full).abs().max() < 0.05 * full.abs().max()
-    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+    query) and the full forward (the matmul kernel) agree to bf16 rounding, greedy choices included.
+
+    Measured (torch 2.13 CPU, these seeds): the largest difference is 0.51-0.81 of one bf16 epsilon of the
+    largest logit (about one unit in the last place of logits of size 2-4), and every greedy choice agrees.
+    """
+    eps = torch.finfo(torch.bfloat16).eps
+    for seed in range(3):
+        model = tiny(seed, n_kv_head=n_kv_head).to(torch.bfloat16)
+        x = ids(2, 24, seed=seed + 1)
+        with torch.no_grad():
+            full = model(x).float()
+            cache = KVCache(model.config, 2, 24, dtype=torch.bfloat16)
+            steps = [model(x[:, :8], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(8, 24)]
+        cached = torch.cat(steps, 1).float()
+        bound = eps * full.abs().max()
+        assert (cached - full).abs().max() <= bound, ((cached - full).abs().max() / bound, seed)
+        # greedy choices agree wherever the top two logits are further apart than two such roundings
+        top2 = full.topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 2 * bound
+        assert clear.float().mean() > 0.5                # the check below covers most positions
+        assert torch.equal(cached.argmax(-1)[clear], full.argmax(-1)[clear]), seed
 
 
 def test_compiled_matmul_attention_does_not_recompile_per_length():
