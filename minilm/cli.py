@@ -125,16 +125,6 @@ def _read_prompts(path: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
-    return name
-
-
 @dataclasses.dataclass
 class Loaded:
     """A model ready to decode: its tokenizer, device and the checkpoint's ``extra`` metadata."""
@@ -148,7 +138,9 @@ class Loaded:
 def load_for_inference(args: argparse.Namespace) -> Loaded:
     """The model of ``--ckpt`` in ``--precision`` on ``--device`` with the tokenizer of ``--tokenizer``;
     a tokenizer that does not fit the model is a one-line error."""
-    device = _device(args.device)
+    from .precision import resolve_device
+
+    device = str(resolve_device(args.device))
 
     import torch
 

@@ -13,12 +13,17 @@ from .errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` as a device, refusing with one line what this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and (not name.startswith("cuda") or not (name == "cuda" or name[5:].isdigit()
+                                                             and name[4] == ":")):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+                          f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import SampleConfig
 from .errors import DataError
-from .model import KVCache
+from .model import KVCache, unwrap_compiled
 
 NEG_INF = float("-inf")
 
@@ -203,7 +203,7 @@ def _decode_rows(model: nn.Module, prompts: list[list[int]], cfg: SampleConfig, 
                  device: torch.device | str | None) -> list[list[int]]:
     """New tokens of each row; eos excluded, a row ended by a stop string keeps the token that completed
     it."""
-    net = getattr(model, "_orig_mod", model)
+    net = unwrap_compiled(model)
     mcfg = net.config
     device = torch.device(device) if device is not None else next(net.parameters()).device
     if not prompts:
@@ -295,7 +295,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], cfg: SampleConfig,
              device: torch.device | str | None = None, bos: bool = True) -> list[str]:
     """The completion (new text only) of each prompt, cut before the first stop string."""
     ids = [tokenizer.encode(p, bos=bos, eos=False) for p in prompts]
-    vocab = getattr(model, "_orig_mod", model).config.vocab_size
+    vocab = unwrap_compiled(model).config.vocab_size
     eos = tokenizer.eos_id if tokenizer.eos_id is not None and 0 <= tokenizer.eos_id < vocab else None
     pad = tokenizer.pad_id if tokenizer.pad_id is not None and 0 <= tokenizer.pad_id < vocab else 0
     with _eval_mode(model), torch.inference_mode():

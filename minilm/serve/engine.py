@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SampleConfig
-from ..model import KVCache
+from ..model import KVCache, unwrap_compiled
 from ..sampling import _cache_dtype, _left_padded, cut_at_stop, find_stop, process_logits, select_next
 
 _ids = itertools.count()
@@ -122,7 +122,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 16, window_s: float = 0.005,
                  device: torch.device | str | None = None):
         self.model = model.eval()
-        self.net = getattr(model, "_orig_mod", model)
+        self.net = unwrap_compiled(model)
         self.tokenizer = tokenizer
         vocab = self.net.config.vocab_size
         eos, pad = tokenizer.eos_id, tokenizer.pad_id
