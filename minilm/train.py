@@ -420,18 +420,11 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
         remove_stale_temps(path)
     torch.manual_seed(cfg.seed)
     state = (ckpts.restore(cfg) if resume else None) or TrainState()
-    resumed_from = state.step
-    if logger is not None:
-        # rows logged before the interruption but maybe never sent (a killed process loses its metric
-        # buffer); a resumable logger skips the steps it already holds
-        for row in _merged_rows(state.history, state.throughput):
-            logger.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
-
+    resumed_from, meter = state.step, _Meter(state, logger, tokens_per_batch)
     loss_fn = torch.compile(token_loss_sum) if cfg.compile else token_loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
     swap_ema = ckpts.ema is not None and cfg.ema_for_eval
-    bar = _Progress(progress, state.step, cfg.max_steps)
-    window_tokens, t_window, t_start, interrupted = 0, time.perf_counter(), time.perf_counter(), False
+    bar, t_start, interrupted = _Progress(progress, state.step, cfg.max_steps), time.perf_counter(), False
     with _StopFlag() as stop:
         while state.step < cfg.max_steps:
             lr = lr_at(state.step, cfg)
@@ -450,15 +443,9 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             if ckpts.ema is not None:
                 ckpts.ema.update(model)
             state.step += 1
-            state.window_loss, state.window_n = state.window_loss + loss, state.window_n + 1
-            window_tokens += (sum(tokens_per_batch(b) for b in micro) if tokens_per_batch
-                              else sum(x.numel() for x, _, _ in micro))
-            step, row, final = state.step, {}, state.step == cfg.max_steps
-            if step % cfg.log_every == 0 or final:
-                dt = time.perf_counter() - t_window
-                row.update(train_loss=state.window_loss / state.window_n, lr=lr, grad_norm=norm)
-                state.throughput.append({"step": step, "tokens_per_sec": window_tokens / max(dt, 1e-9)})
-                state.window_loss, state.window_n, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+            meter.add(loss, micro)
+            step, final = state.step, state.step == cfg.max_steps
+            row = meter.train_row(lr, norm) if step % cfg.log_every == 0 or final else {}
             if step % cfg.eval_every == 0 or final:
                 row["val_loss"] = state.last_val = _run_eval(model, eval_batches, device, precision, loss_fn,
                                                              ckpts.ema if swap_ema else None)
@@ -466,11 +453,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
                 if improved or not eval_batches:
                     state.best_val = state.last_val if improved else state.best_val
                     ckpts.save_best(state, swap_ema)
-            if row:
-                state.history.append({"step": step, **row})
-                if logger is not None:
-                    speed = state.throughput[-1] if "train_loss" in row else {}
-                    logger.log_metrics({**row, **{k: v for k, v in speed.items() if k != "step"}}, step)
+            meter.record(row)
             if step == decay_start(cfg) and not final:   # WSD's branch point for a longer run
                 ckpts.save_last(state, cfg, kind="stable")
             save_due = (step % cfg.save_every == 0) if cfg.save_every else ("val_loss" in row)
@@ -487,6 +470,42 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
                        history=state.history, throughput=state.throughput, resumed_from=resumed_from,
                        skipped_steps=state.skipped, interrupted=interrupted,
                        seconds=time.perf_counter() - t_start)
+
+
+class _Meter:
+    """The train-loss average and the throughput between logged rows, and where rows go: the state's
+    history (computed figures), its throughput (measured ones) and the logger (both).
+
+    On creation the rows a resumed state already holds are replayed to the logger: a killed process
+    loses its metric buffer, and a resumable logger skips the steps it already has."""
+
+    def __init__(self, state: TrainState, logger: MetricsLogger | None,
+                 tokens_per_batch: Callable[[Batch], int] | None) -> None:
+        self.state, self.logger, self.count = state, logger, tokens_per_batch
+        self.tokens, self.t0 = 0, time.perf_counter()
+        if logger is not None:
+            for row in _merged_rows(state.history, state.throughput):
+                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
+
+    def add(self, loss: float, micro: Sequence[Batch]) -> None:
+        self.state.window_loss += loss
+        self.state.window_n += 1
+        self.tokens += sum(self.count(b) for b in micro) if self.count else sum(x.numel() for x, _, _ in micro)
+
+    def train_row(self, lr: float, grad_norm: float) -> dict[str, float]:
+        s, dt = self.state, time.perf_counter() - self.t0
+        row = {"train_loss": s.window_loss / s.window_n, "lr": lr, "grad_norm": grad_norm}
+        s.throughput.append({"step": s.step, "tokens_per_sec": self.tokens / max(dt, 1e-9)})
+        s.window_loss, s.window_n, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+        return row
+
+    def record(self, row: dict[str, float]) -> None:
+        if not row:
+            return
+        self.state.history.append({"step": self.state.step, **row})
+        if self.logger is not None:
+            speed = self.state.throughput[-1] if "train_loss" in row else {}
+            self.logger.log_metrics({**row, **{k: v for k, v in speed.items() if k != "step"}}, self.state.step)
 
 
 def _run_eval(model: nn.Module, batches: Sequence[Batch], device: torch.device, precision: str,
