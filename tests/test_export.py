@@ -164,6 +164,20 @@ def test_round_trip_is_exact(tok, tmp_path, shape):
     assert back_tok.hash == tok.hash and back_tok.encode(TEXTS[4]) == tok.encode(TEXTS[4])
 
 
+def test_import_reads_what_transformers_itself_saves(tok, tmp_path):
+    import shutil
+
+    from minilm.hf import to_transformers
+
+    model = tiny_model(tok.vocab_size, n_kv_head=2, tie_embeddings=False, rope_base=500.0)
+    to_transformers(model).save_pretrained(tmp_path / "saved")          # transformers' own writer
+    shutil.copy(tok.path, tmp_path / "saved" / "tokenizer.model")
+    back, _ = from_transformers(tmp_path / "saved")
+    x = torch.randint(0, tok.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
 def test_export_is_byte_reproducible(tok, tmp_path):
     a = export_hf(tiny_model(tok.vocab_size), tok, tmp_path / "a")
     b = export_hf(tiny_model(tok.vocab_size), tok, tmp_path / "b")
