@@ -107,15 +107,20 @@ def test_left_padded_batch_with_cache_equals_each_prompt_alone(n_kv_head, backen
 
 def test_cache_refuses_to_overflow_context():
     model = tiny(context_length=16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^cache length 17 exceeds the model's context_length 16$"):
         KVCache(model.config, 1, 17)
     cache = KVCache(model.config, 1, 8)
     with torch.no_grad():
         model(ids(1, 8), cache=cache)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^KV cache is full \(8 slots\)$"):
             model(ids(1, 1), cache=cache)
-    with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^cache holds 1 rows, got a batch of 2$"):
+            model(ids(2, 1), cache=KVCache(model.config, 1, 8))
+    with pytest.raises(ValueError, match=r"^sequence of 17 tokens exceeds context_length 16"):
         model(ids(1, 17))
+    with torch.no_grad():                # the limit itself is fine: a full context, a cache of that length
+        full = KVCache(model.config, 1, 16)
+        assert model(ids(1, 16), cache=full).shape[1] == 16 and full.pos == 16
 
 
 # --------------------------------------------------------------------------------------------------
