@@ -131,16 +131,18 @@ def test_dataframe_and_records_encode_alike_and_bad_rows_are_data_errors(char_to
     b = encode_pairs(PAIRS, char_tok, SFTConfig(), CTX)
     assert all(np.array_equal(x, y) for x, y in zip(a.input_ids, b.input_ids))
     bad = [
-        pd.DataFrame({"prompt": ["hi"], "response": ["hello"]}),
-        pd.DataFrame({"instruction": ["hi", None], "response": ["hello", "x"]}),
-        [{"instruction": "hi"}],
-        [{"instruction": "hi", "response": 3}],
-        [],
+        (pd.DataFrame({"prompt": ["hi"], "response": ["hello"]}),
+         "the pairs table lacks column(s) ['instruction'] (it has ['prompt', 'response'])"),
+        (pd.DataFrame({"instruction": ["hi", None], "response": ["hello", "x"]}),
+         "pair 1: instruction must be text, got float (nan); fix or remove that pair"),   # pandas: None -> NaN
+        ([{"instruction": "hi"}], "pair 0 is not a mapping with 'instruction' and 'response' keys"),
+        ([{"instruction": "hi", "response": 3}], "pair 0: response must be text, got int (3)"),
+        ([], "no instruction/response pairs to fine-tune on; add pairs to the SFT data"),
     ]
-    for data in bad:
+    for data, needle in bad:
         with pytest.raises(DataError) as err:
             encode_pairs(data, char_tok, SFTConfig(), CTX)
-        assert "\n" not in str(err.value)
+        assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(char_tok):
@@ -187,8 +189,10 @@ def test_batches_are_deterministic_right_padded_and_cover_each_epoch(char_tok):
     assert not np.array_equal(a.indices(3, 0), a.indices(3, 1))
     assert not all(np.array_equal(a.indices(s, 0), SFTBatches(ex, 3, seed=6, grad_accum=2).indices(s, 0))
                    for s in range(4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^micro must be in \[0, 2\), got 2$"):
         a.batch(0, 2)
+    with pytest.raises(ValueError, match=r"^micro must be in \[0, 2\), got -1$"):
+        a.batch(0, -1)
 
     per_epoch = a.batches_per_epoch
     assert per_epoch == math.ceil(len(ex) / 3)
