@@ -141,9 +141,13 @@ def test_sp_vocab_too_small_is_one_line_data_error(corpus, tmp_path):
     assert "raise tokenizer.vocab_size" in _one_line(err)
 
 
-def test_sp_reserved_special_token_is_config_error(corpus, tmp_path):
-    with pytest.raises(ConfigError):
-        train_sentencepiece(corpus[0], tmp_path / "t.model", TokenizerConfig(special_tokens=["<s>"]))
+@pytest.mark.parametrize("tokens, clash", [(["<s>"], "['<s>']"), (["### Response:", "</s>", "<pad>"], "['</s>', '<pad>']")])
+def test_sp_reserved_special_token_is_config_error(corpus, tmp_path, tokens, clash):
+    with pytest.raises(ConfigError) as err:
+        train_sentencepiece(corpus[0], tmp_path / "t.model", TokenizerConfig(special_tokens=tokens))
+    msg = _one_line(err)
+    assert f"tokenizer.special_tokens {clash} clash with SentencePiece's own pieces" in msg
+    assert "choose other strings" in msg and not (tmp_path / "t.model").exists()
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "char"])
@@ -237,7 +241,9 @@ def test_truncated_or_missing_sentencepiece_model(sp, tmp_path):
     path.write_bytes(sp.path.read_bytes()[: sp.path.stat().st_size // 2])
     with pytest.raises(CheckpointError) as err:
         load_tokenizer(path)
-    _one_line(err)
+    assert _one_line(err) == (f"{path} is not a valid SentencePiece model (could not parse it); rerun the "
+                              "tokenizer stage to rebuild it")
     with pytest.raises(CheckpointError) as err:
         load_tokenizer(tmp_path / "missing.model")
-    assert "not found" in _one_line(err)
+    assert _one_line(err).startswith(f"tokenizer file {tmp_path / 'missing.model'} not found; run the "
+                                     "tokenizer stage first")
