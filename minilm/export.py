@@ -24,40 +24,19 @@ import os
 import shutil
 import string
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import DEFAULT_TEMPLATE, ModelConfig, SampleConfig
+from .config import DEFAULT_TEMPLATE, ExportConfig, GGUFType, ModelConfig, SampleConfig  # noqa: F401
 from .errors import ConfigError
 from .fileio import _io_error
 from .hf import check_exportable, to_transformers_config
 from .model import unwrap_compiled
 from .tokenizer import Tokenizer
 from .vocab import Vocab, exportable_vocab, hf_tokenizer_json
-
-GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
-
-
-@dataclass
-class ExportConfig:
-    """params.yaml ``export:``. ``gguf_type`` is the weight type of the GGUF file's matrices (norms stay
-    f32). q8_0, what llama.cpp users pick for small models (4-bit types cost a tiny model far more
-    quality, and k-quants need rows of 256): half of f16's bytes, the fastest llama.cpp decoding in
-    benchmarks row 8 (1.5x f16 on 2 threads), and >= 95% of the greedy choices kept (tested;
-    measured 99.7-100%)."""
-
-    gguf_type: GGUFType = "q8_0"
-    name: str = "minilm"              # the model's name inside the GGUF file (general.name)
-
-    def problems(self) -> list[str]:
-        if not self.name.strip():
-            return ["name must not be empty"]
-        return []
-
 
 # --------------------------------------------------------------------------------------------------
 # what goes into the directory

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from minilm.cli import run_main
-from minilm.config import SampleConfig, build
+from minilm.config import SampleConfig
 from minilm.convert import load_for_export
-from minilm.errors import CheckpointError
-from minilm.export import ExportConfig, export_hf
+from minilm.errors import CheckpointError, run_main
+from minilm.export import export_hf
 from minilm.fileio import write_json
 from minilm.gguf import export_gguf, read_gguf_info
 
 from .common import MERGED, OUT, setup, stage_run, tokenizer_path
 
+PARAMS = ["export", "sft.template", *(f"generate.{k}" for k in (
+    "temperature", "top_k", "top_p", "repetition_penalty", "ban_window", "no_repeat_ngram", "min_new_tokens",
+    "max_new_tokens"))]                  # the chat template and sampling defaults are written into the files
 EXPORT = OUT / "export"
 HF_DIR = EXPORT / "hf"
 GGUF = EXPORT / "model.gguf"
@@ -26,13 +28,12 @@ GGUF = EXPORT / "model.gguf"
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("export", __doc__, argv)
-    cfg = getattr(params, "export", None) or build(ExportConfig, params.raw.get("export"), "export",
-                                                   source=str(params.path))
+    cfg = params.export
     sample = SampleConfig(**{f.name: getattr(params.generate, f.name) for f in fields(SampleConfig)})
     if not MERGED.is_file():
         raise CheckpointError(f"{MERGED} not found; run the merge stage first (`dvc repro merge`)")
     tok_path = tokenizer_path()
-    with stage_run("export", params, ["export"], out_dir=EXPORT,
+    with stage_run("export", params, ["export", "generate", "sft"], out_dir=EXPORT,
                    inputs={"model": MERGED, "tokenizer": tok_path}) as run:
         model, tokenizer = load_for_export(MERGED, tok_path)
         export_hf(model, tokenizer, HF_DIR, sample=sample, template=params.sft.template)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, LoRAConfig, ModelConfig, Precision,
+from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, ExportConfig, LoRAConfig, ModelConfig, Precision,
                            SampleConfig, SFTConfig, TokenizerConfig, TrainConfig)
 from minilm.errors import ConfigError
 from minilm.schema import build, load_yaml, suggest
@@ -89,6 +89,7 @@ def _sections() -> dict[str, type]:
         "sft": SFTConfig,
         "evaluate": EvaluateConfig,
         "generate": GenerateConfig,
+        "export": ExportConfig,
         "serve": ServeConfig,
     }
 
@@ -106,6 +107,7 @@ class Params:
     sft: Any
     evaluate: EvaluateConfig
     generate: GenerateConfig
+    export: ExportConfig
     serve: ServeConfig
     raw: dict[str, Any]
     path: Path

@@ -29,7 +29,7 @@ def workdir(tmp_path, monkeypatch):
                     extra={"tokenizer_sha256": tok.hash})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["generate"]["temperature"] = 0.8
-    params.pop("export", None)      # defaults (until params.yaml has the section)
+    params["export"]["gguf_type"] = "f16"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "tokenizer", "encode", "pretrain", "sft", "merge", "evaluate", "generate"]
+STAGES = ["prepare", "tokenizer", "encode", "pretrain", "sft", "merge", "evaluate", "generate", "export"]
 
 TINY = {
     "project": {"progress": False},
@@ -186,8 +186,10 @@ def test_second_repro_does_nothing(repo):
 
 
 def test_generate_only_param_reruns_only_generate(repo):
+    """generate.seed is read by generate only (the sampling defaults export writes into
+    generation_config.json do rerun export)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["generate"]["temperature"] = 0.9
+    params["generate"]["seed"] = 99
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
     assert set(status) == {"generate"}, status
@@ -204,17 +206,17 @@ def test_lora_param_reruns_only_the_fine_tuning_half(repo):
     assert set(status) == {"sft"}, status      # downstream stages follow once sft's outputs change
     proc = sh(repo, "dvc", "repro")
     ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["sft", "merge", "evaluate", "generate"], proc.stdout
+    assert ran == ["sft", "merge", "evaluate", "generate", "export"], proc.stdout
 
 
 def test_dvc_exp_run_and_show(repo):
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "after repro")
-    proc = sh(repo, "dvc", "exp", "run", "-n", "hot", "-S", "generate.temperature=0.95")
+    proc = sh(repo, "dvc", "exp", "run", "-n", "hot", "-S", "generate.seed=4242")
     ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["generate"], proc.stdout
     shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout))
-    assert "hot" in shown and "0.95" in shown
+    assert "hot" in shown and "4242" in shown
     client, runs = mlflow_runs(repo)
     tagged = [r for r in runs if r.data.tags.get("dvc.exp_name") == "hot"]
     assert sorted(r.info.run_name for r in tagged) == ["generate", "pipeline:exp-hot"]
