@@ -23,7 +23,6 @@ from .config import DataConfig
 from .errors import DataError
 from .fileio import atomic_write
 
-
 MB = 1_000_000
 _TEXT_SUFFIXES = (".txt", ".md", ".rst")
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}

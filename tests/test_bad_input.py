@@ -376,21 +376,19 @@ CASES.update({
     # ---- sections that are valid alone but useless together: refused at load, naming what to change
     "context-too-short-for-template": Case(
         "pretrain", params({"model": {"context_length": 1}}),
-        ("BOS + sft.template with even a one-token instruction take at least 8 tokens but "
-         "model.context_length is 1", "raise model.context_length")),
+        ("BOS + sft.template with even a one-token instruction take at least 8 tokens",
+         "but model.context_length is 1", "raise model.context_length")),
     "context-too-short-for-template-4": Case(
-        "prepare", params({"model": {"context_length": 4}}), ("take at least 8 tokens but "
-                                                              "model.context_length is 4",)),
+        "prepare", params({"model": {"context_length": 4}}), ("take at least 8 tokens but model.context_length is 4",)),
     "max-length-too-short-for-template": Case(
         "sft", params({"sft": {"max_length": 6}}),
         ("take at least 8 tokens but sft.max_length is 6", "raise sft.max_length (or set 0")),
     "template-longer-than-context": Case(
-        "evaluate", params({"sft": {"template": "Answer the question below. " * 40 + "\n{instruction}\n"
-                                                "### Response:\n"}}),
+        "evaluate", params({"sft": {"template": "Answer the question below. " * 40 + "\n{instruction}\n### Response:\n"}}),
         ("tokens but model.context_length is 64", "raise model.context_length", "or shorten sft.template")),
     "max-new-tokens-huge": Case(
         "generate", params({"generate": {"max_new_tokens": 1_000_000_000}}),
-        ("generate.max_new_tokens (1000000000) + at least 8 tokens (BOS included) of the SFT prompt "
+        ("generate.max_new_tokens (1000000000) + at least 8 tokens (BOS included) of the SFT prompt",
          "(sft.template with an instruction) exceed model.context_length (64), so the prompt would be cut",
          "lower generate.max_new_tokens to at most 56")),
     "max-new-tokens-equal-to-context": Case(

@@ -53,7 +53,7 @@ def test_quick_run_has_every_row_with_numbers(quick_results):
         assert not row.get("error") and not row.get("skipped"), (key, row)
         assert row["lines"], key
         for ln in row["lines"]:
-            assert number(ln["minilm"]) or key == "generation" and "decode" in ln["metric"], (key, ln)
+            assert number(ln["minilm"]), (key, ln)
             if ln["baseline"] is not None and ln["ratio"] is not None:
                 assert number(ln["baseline"]) and ln["ratio"] > 0, (key, ln)
     machine = results["machine"]
@@ -77,15 +77,17 @@ def test_quick_run_compares_against_the_baselines(quick_results):
     assert adapter["trainable"] < full["trainable"] == build_model(harness.TINY_A).num_parameters()
     assert full["train_mb"] > 0 and adapter["train_mb"] > 0
     util = rows["utilisation"]["lines"]
-    assert all(0 < ln["minilm"] < 1.5 and ln["peak_gflops"] > 0 for ln in util)
+    # a share of the measured peak GEMM rate: above 1 would mean a wrong FLOP count or timing
+    assert util and all(0 < ln["minilm"] < 1 and 0 < ln["model_gflops"] < ln["peak_gflops"]
+                        for ln in util), util
     quality = rows["quality"]["lines"][0]
-    assert 0 < quality["minilm"] < math.log(quality["vocab_size"]) + 1
+    assert 0 < quality["minilm"] < math.log(quality["vocab_size"])      # it learned: better than uniform
 
 
 def test_markdown_table_is_written(quick_results):
     results, md = quick_results
     assert md.startswith("# minilm benchmarks")
-    assert results["machine"]["cpu"] in md if results["machine"]["cpu"] else True
+    assert f"Machine: {report.machine_line(results['machine'])}." in md     # the CPU or 'unknown CPU'
     for row in results["rows"].values():
         assert f"## {row['id']}. {row['title']}" in md
     assert "| case | metric | minilm |" in md and "## Targets" in md
