@@ -199,9 +199,9 @@ def _lora_target_problems(lora: LoRAConfig, model: ModelConfig) -> list[str]:
     bad = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not bad:
         return []
-    return [f"lora.targets {bad} match no linear layer in the model's blocks; valid names: "
-            f"{' '.join(LORA_MODULES)}, a longer suffix such as 'mlp.up_proj' or "
-            f"'layers.{model.n_layer - 1}.self_attn.q_proj', or ['{ALL_LINEAR}']"]
+    return [(f"lora.targets {bad} match no linear layer in the model's blocks; valid names: "
+             f"{' '.join(LORA_MODULES)}, a longer suffix such as 'mlp.up_proj' or "
+             f"'layers.{model.n_layer - 1}.self_attn.q_proj', or ['{ALL_LINEAR}']")]
 
 
 # The fewest tokens a text can take, without the tokenizer. Sound for the tokenizers the pipeline trains
