@@ -152,6 +152,10 @@ def cross_section_problems(built: dict[str, Any]) -> list[str]:
     model, tok = built["model"], built["tokenizer"]
     ctx = model.context_length
     problems: list[str] = []
+    serve = built.get("serve")
+    if serve is not None and not _DEVICE.fullmatch(serve.device):
+        problems.append(f"serve.device must be auto, cpu, cuda or cuda:N (N = a GPU index), got "
+                        f"{serve.device!r}")
     if "lora" in built:
         problems += _lora_target_problems(built["lora"], model)
     if "sft" not in built:
@@ -253,34 +257,40 @@ def _template_tokens(template: str, tok: TokenizerConfig) -> int | None:
 
 
 def check_hardware(params: Params) -> None:
-    """Refuse, in one line listing every problem, a ``project.device`` this machine does not have and a
-    precision it cannot run (fp16 off CUDA, bf16 on a GPU without it) in pretrain, sft or generate.
+    """Refuse, in one line listing every problem, a device this machine does not have (``project.device``,
+    ``serve.device``) and a precision it cannot run on it (fp16 off CUDA, bf16 on a GPU without it):
+    ``pretrain``/``sft``/``generate.precision`` on the project's device, ``serve.precision`` on the
+    server's.
 
     Every stage calls it at start, so a setting that only one stage uses fails in all of them.
     """
     import torch
 
-    device = params.project.device
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    groups = [("project.device", params.project.device,
+               [("pretrain.precision", params.pretrain.precision), ("sft.precision", params.sft.precision),
+                ("generate.precision", params.generate.precision)])]
+    serve = getattr(params, "serve", None)
+    if serve is not None:
+        groups.append(("serve.device", serve.device, [("serve.precision", serve.precision)]))
     problems: list[str] = []
-    if device.startswith("cuda") and not cuda:
-        problems.append(f"project.device {device!r} asks for a GPU but CUDA is not available on this "
-                        "machine (torch " + torch.__version__ + "); use cpu or auto")
-    elif device.startswith("cuda:") and int(device[5:]) >= count:
-        problems.append(f"project.device {device!r} asks for GPU {device[5:]} but this machine has {count} "
-                        f"(cuda:0 to cuda:{count - 1}); pick one of those, cuda or auto")
-    if problems:                               # the precisions depend on the device: fix that first
-        raise ConfigError(f"{params.path}: " + "; ".join(problems))
-    on_cuda = cuda and device != "cpu"
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
-    for key, precision in (("pretrain.precision", params.pretrain.precision),
-                           ("sft.precision", params.sft.precision),
-                           ("generate.precision", params.generate.precision)):
-        if precision == "fp16" and not on_cuda:
-            where = "project.device is cpu" if device == "cpu" else "CUDA is not available on this machine"
-            problems.append(f"{key} fp16 needs a CUDA device ({where}); use bf16, fp32 or auto")
-        elif precision == "bf16" and on_cuda and not bf16:
-            problems.append(f"{key} bf16 is not supported by this GPU; use fp16, fp32 or auto")
+    for dev_key, device, precisions in groups:
+        if device.startswith("cuda") and not cuda:
+            problems.append(f"{dev_key} {device!r} asks for a GPU but CUDA is not available on this machine "
+                            f"(torch {torch.__version__}); use cpu or auto")
+            continue                           # the precisions depend on the device: fix that first
+        if device.startswith("cuda:") and int(device[5:]) >= count:
+            problems.append(f"{dev_key} {device!r} asks for GPU {device[5:]} but this machine has {count} "
+                            f"(cuda:0 to cuda:{count - 1}); pick one of those, cuda or auto")
+            continue
+        on_cuda = cuda and device != "cpu"
+        for key, precision in precisions:
+            if precision == "fp16" and not on_cuda:
+                where = f"{dev_key} is cpu" if device == "cpu" else "CUDA is not available on this machine"
+                problems.append(f"{key} fp16 needs a CUDA device ({where}); use bf16, fp32 or auto")
+            elif precision == "bf16" and on_cuda and not bf16:
+                problems.append(f"{key} bf16 is not supported by this GPU; use fp16, fp32 or auto")
     if problems:
         raise ConfigError(f"{params.path}: " + "; ".join(problems))

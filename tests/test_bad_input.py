@@ -426,6 +426,8 @@ CASES.update({
                              (f"project.device must be auto, cpu, cuda or cuda:N (N = a GPU index), got {dev!r}",))
        for stage_name, dev in [("pretrain", "cudax"), ("prepare", "gpu"), ("sft", "cuda:-1"),
                                ("generate", "CUDA"), ("encode", "mps"), ("evaluate", "cuda:0:1")]},
+    "serve-device-cudax": Case("prepare", params({"serve": {"device": "cudax"}}),
+                               ("serve.device must be auto, cpu, cuda or cuda:N (N = a GPU index), got 'cudax'",)),
     # ---- input that is not text: refused whatever invalid_utf8 / bad_records say, advice that works
     "binary-corpus-replace": Case(
         "prepare", file("blob.txt", binary(), {"data": {"corpus": "blob.txt", "invalid_utf8": "replace"}}),

@@ -67,6 +67,15 @@ def fake_cuda(monkeypatch, count: int, bf16: bool = True) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
 
 
+def test_serve_device_is_checked_too(monkeypatch, params):
+    fake_cuda(monkeypatch, 1)
+    with pytest.raises(ConfigError, match=r"serve.device 'cuda:3' asks for GPU 3 but this machine has 1"):
+        check_hardware(with_(params, serve={"device": "cuda:3"}))
+    fake_cuda(monkeypatch, 0)
+    with pytest.raises(ConfigError, match=r"serve.precision fp16 needs a CUDA device \(serve.device is cpu\)"):
+        check_hardware(with_(params, serve={"device": "cpu", "precision": "fp16"}))
+
+
 @pytest.mark.parametrize("count, project, section, precision, needle", [
     (0, "cuda", None, None, "project.device 'cuda' asks for a GPU but CUDA is not available"),
     (0, "cuda:0", None, None, "project.device 'cuda:0' asks for a GPU but CUDA is not available"),
@@ -75,6 +84,7 @@ def fake_cuda(monkeypatch, count: int, bf16: bool = True) -> None:
     (2, "cpu", "sft", "fp16", "sft.precision fp16 needs a CUDA device (project.device is cpu)"),
     (0, "cpu", "generate", "fp16", "generate.precision fp16 needs a CUDA device (project.device is cpu)"),
     (1, "auto", "generate", "bf16", "generate.precision bf16 is not supported by this GPU"),
+    (0, "cpu", "serve", "fp16", "serve.precision fp16 needs a CUDA device (CUDA is not available"),
 ])
 def test_check_hardware_refuses_what_the_machine_cannot_run(monkeypatch, params, count, project, section,
                                                             precision, needle):
