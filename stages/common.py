@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 from minilm.errors import CheckpointError
 from minilm.fileio import sha256_file, write_json
 
-from .params import Params, load_params
+from .params import Params, check_hardware, load_params
 
 DATA = Path("data")
 CORPUS = DATA / "corpus.txt"
@@ -54,9 +54,13 @@ def parse_args(stage: str, doc: str | None, argv: list[str] | None) -> argparse.
 
 
 def setup(stage: str, doc: str | None, argv: list[str] | None) -> Params:
-    """Parse the command line and load + validate the whole params file."""
+    """Parse the command line, load + validate the whole params file, and check that this machine has
+    the devices and precisions it names (every stage checks every section, so a setting only one stage
+    uses fails in all of them, before any work)."""
     args = parse_args(stage, doc, argv)
-    return load_params(args.params)
+    params = load_params(args.params)
+    check_hardware(params)
+    return params
 
 
 def tokenizer_path() -> Path:
