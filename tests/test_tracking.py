@@ -99,6 +99,17 @@ def test_closed_port_is_a_one_line_tracking_error():
 def test_run_logs_params_batched_metrics_tags_and_artifacts(sqlite_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-fox")
     monkeypatch.delenv("DVC_STAGE", raising=False)
+    repo = tmp_path / "gitrepo"              # the run starts inside a git repo with a known commit
+    repo.mkdir()
+    git = dict(cwd=repo, check=True, capture_output=True, text=True,
+               env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+                    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"})
+    subprocess.run(["git", "init", "-q"], **git)
+    (repo / "params.yaml").write_text("model: {}\n")
+    subprocess.run(["git", "add", "params.yaml"], **git)
+    subprocess.run(["git", "commit", "-qm", "init"], **git)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
+    monkeypatch.chdir(repo)
     cfg = _cfg(sqlite_uri, "logging", flush_every=7)
     params = {"model": {"d_model": 64, "n_head": 4}, "train": {"lr": 1e-3, "betas": [0.9, 0.95]}}
     run = start_run(cfg, "pretrain", params, tags={"note": "tiny"})
@@ -130,9 +141,7 @@ def test_run_logs_params_batched_metrics_tags_and_artifacts(sqlite_uri, tmp_path
     assert tags["minilm.stage"] == "pretrain" and tags["note"] == "tiny"
     assert tags["dvc.exp_name"] == "brisk-fox" and "dvc.stage" not in tags
     assert tags["minilm.info.python"] == run_info()["python"]
-    commit = run_info()["git_commit"]
-    if commit:
-        assert tags["mlflow.source.git.commit"] == commit
+    assert len(commit) == 40 and tags["mlflow.source.git.commit"] == commit
     assert "mlflow.parentRunId" not in tags
     listed = {a.path for a in client.list_artifacts(run.run_id)}
     assert listed == {"reports", "config.json"}
