@@ -370,9 +370,9 @@ def _char_checkpoint(tmp_path):
     return tok_path, tok, model, save_checkpoint(tmp_path / "model.safetensors", model)
 
 
-def naive_greedy(model, tok, prompt: str, max_new: int, min_new: int = 0) -> str:
-    """An independent decoder: no cache, a full forward over the whole sequence for every token, argmax,
-    EOS not allowed before ``min_new`` tokens and the end after it."""
+def naive_greedy_text(model, tok, prompt: str, max_new: int, min_new: int = 0) -> str:
+    """:func:`naive_greedy` for text, with EOS: an independent decoder (no cache, a full forward over the
+    whole sequence for every token, argmax), EOS not allowed before ``min_new`` tokens and the end after."""
     ids = tok.encode(prompt, bos=True, eos=False)
     new: list[int] = []
     with torch.no_grad():
@@ -387,7 +387,7 @@ def naive_greedy(model, tok, prompt: str, max_new: int, min_new: int = 0) -> str
     return tok.decode(new)
 
 
-PLAIN = ["--temperature", "0", "--repetition-penalty", "1", "--ban-window", "0", "--device", "cpu"]
+CLI_PLAIN = ["--temperature", "0", "--repetition-penalty", "1", "--ban-window", "0", "--device", "cpu"]
 
 
 def test_sample_main_end_to_end(tmp_path, capsys):
@@ -395,13 +395,14 @@ def test_sample_main_end_to_end(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the fox\n\nhello\n", encoding="utf-8")
     argv = ["--ckpt", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "dog", "--prompt-file",
-            str(prompts), "--max-new-tokens", "6", "--min-new-tokens", "2", *PLAIN, "--precision", "fp32"]
+            str(prompts), "--max-new-tokens", "6", "--min-new-tokens", "2", *CLI_PLAIN,
+            "--precision", "fp32"]
     assert sample_main(argv) == 0
     out = capsys.readouterr().out
     blocks = out[:-1].split("\n\n---\n\n")        # each completion, then a blank line, ---, a blank line
     assert len(blocks) == 3
     for block, prompt in zip(blocks, ["dog", "the fox", "hello"]):   # batched, left-padded, cached decoding
-        assert block == prompt + naive_greedy(model, tok, prompt, 6, min_new=2), (block, prompt)
+        assert block == prompt + naive_greedy_text(model, tok, prompt, 6, min_new=2), (block, prompt)
 
     other = tiny(vocab_size=tok.vocab_size + 3)
     save_checkpoint(tmp_path / "other.safetensors", other)
@@ -414,10 +415,10 @@ def test_sample_main_end_to_end(tmp_path, capsys):
 def test_sample_main_bf16_decodes_with_bf16_weights(tmp_path, capsys):
     tok_path, tok, model, ckpt = _char_checkpoint(tmp_path)
     argv = ["--ckpt", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "the", "--max-new-tokens", "8",
-            "--min-new-tokens", "8", *PLAIN, "--precision", "bf16"]
+            "--min-new-tokens", "8", *CLI_PLAIN, "--precision", "bf16"]
     assert sample_main(argv) == 0
     out = capsys.readouterr().out
-    bf16 = naive_greedy(model.to(torch.bfloat16), tok, "the", 8, min_new=8)
+    bf16 = naive_greedy_text(model.to(torch.bfloat16), tok, "the", 8, min_new=8)
     assert out == "the" + bf16 + "\n"
 
 

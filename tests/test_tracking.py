@@ -101,14 +101,18 @@ def test_run_logs_params_batched_metrics_tags_and_artifacts(sqlite_uri, tmp_path
     monkeypatch.delenv("DVC_STAGE", raising=False)
     repo = tmp_path / "gitrepo"              # the run starts inside a git repo with a known commit
     repo.mkdir()
-    git = dict(cwd=repo, check=True, capture_output=True, text=True,
-               env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-                    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"})
-    subprocess.run(["git", "init", "-q"], **git)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
     (repo / "params.yaml").write_text("model: {}\n")
-    subprocess.run(["git", "add", "params.yaml"], **git)
-    subprocess.run(["git", "commit", "-qm", "init"], **git)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
+    git("add", "params.yaml")
+    git("commit", "-qm", "init")
+    commit = git("rev-parse", "HEAD")
     monkeypatch.chdir(repo)
     cfg = _cfg(sqlite_uri, "logging", flush_every=7)
     params = {"model": {"d_model": 64, "n_head": 4}, "train": {"lr": 1e-3, "betas": [0.9, 0.95]}}
