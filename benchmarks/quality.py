@@ -45,9 +45,9 @@ def split_tokens(path: Path, work: Path) -> tuple[np.ndarray, np.ndarray, int]:
 def run(ctx: Context) -> dict[str, Any]:
     path = Path(ctx.shakespeare) if ctx.shakespeare is not None else None
     if path is None or not path.is_file():
-        return {"skipped": f"{path or 'no --shakespeare'}: row 5 needs tinyshakespeare.txt (char-rnn's 1.1 MB "
-                           "input.txt, which minilm does not ship); pass --shakespeare PATH", "lines": [],
-                "notes": []}
+        why = f"{path} not found" if path is not None else "no --shakespeare given"
+        return {"skipped": f"{why}: row 5 needs tinyshakespeare.txt (char-rnn's 1.1 MB input.txt, which "
+                           "minilm does not ship); pass --shakespeare PATH", "lines": [], "notes": []}
     steps = 30 if ctx.quick else 2000
     with tempfile.TemporaryDirectory(prefix="minilm-bench-quality-") as tmp:
         work = Path(tmp)

@@ -214,7 +214,8 @@ def check_safetensors_file(path: str | os.PathLike, kind: str, *, missing: str, 
     if head.startswith(_PICKLE_MAGIC):
         raise CheckpointError(f"{path} is a pickle/torch.save file; minilm loads only safetensors {kind}s "
                               "and never unpickles (it could run code)")
-    raise CheckpointError(f"{path} is not a safetensors {kind} (unknown format); {fix}")
+    raise CheckpointError(f"{path} is not a safetensors {kind} (unknown format); point to a file written by "
+                          "minilm")
 
 
 def short_error(err: BaseException, limit: int = 160) -> str:
