@@ -33,7 +33,7 @@ from torch import nn
 from .config import DEFAULT_TEMPLATE, ExportConfig, GGUFType, ModelConfig, SampleConfig  # noqa: F401
 from .errors import ConfigError
 from .fileio import _io_error
-from .hf import check_exportable, to_transformers_config
+from .hf import check_exportable, plain_state, to_transformers_config
 from .model import unwrap_compiled
 from .tokenizer import Tokenizer
 from .vocab import Vocab, exportable_vocab, hf_tokenizer_json
@@ -102,15 +102,7 @@ def tokenizer_files(vocab: Vocab, template: str, context_length: int) -> dict[st
 
 def hf_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights under transformers' names, each in its own contiguous CPU storage."""
-    net = unwrap_compiled(model)
-    state = {k.replace("_orig_mod.", ""): v for k, v in net.state_dict().items()}
-    lora = [k for k in state if ".lora_A." in k or ".lora_B." in k]
-    if lora:
-        raise ConfigError(f"the model has LoRA layers ({lora[0]}, ...); merge them first with "
-                          "minilm.lora.merged_model(model) and export the merged model")
-    if net.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in plain_state(model).items()}
 
 
 def _json(obj: Any) -> bytes:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .model import unwrap_compiled
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -65,6 +66,20 @@ def to_transformers_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under transformers' names (= ours), without a tied ``lm_head`` (the embedding is the
+    same tensor); a model with un-merged LoRA layers is refused with one line."""
+    net = unwrap_compiled(model)
+    state = dict(net.state_dict())
+    lora = [k for k in state if ".lora_A." in k or ".lora_B." in k]
+    if lora:
+        raise ConfigError(f"the model has LoRA layers ({lora[0]}, ...); merge them first with "
+                          "minilm.lora.merged_model(model) and export the merged model")
+    if net.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
 def to_transformers(model: nn.Module):
     """A ``transformers.LlamaForCausalLM`` (SDPA attention) holding a copy of ``model``'s weights, in
     their dtype and on their device, in the same train/eval mode.
@@ -73,14 +88,10 @@ def to_transformers(model: nn.Module):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    net = getattr(model, "_orig_mod", model)
+    net = unwrap_compiled(model)
     cfg: ModelConfig = net.config
     kwargs = to_transformers_config(cfg)
-    state = {k.replace("_orig_mod.", ""): v for k, v in net.state_dict().items()}
-    lora = [k for k in state if ".lora_A." in k or ".lora_B." in k]
-    if lora:
-        raise ConfigError(f"the model has LoRA layers ({lora[0]}, ...); merge them first with "
-                          "minilm.lora.merged_model(model) and export the merged model")
+    state = plain_state(net)
     ref = net.model.embed_tokens.weight
     hf_config = LlamaConfig(**kwargs)
     hf_config._attn_implementation = "sdpa"
@@ -88,7 +99,6 @@ def to_transformers(model: nn.Module):
         hf = LlamaForCausalLM(hf_config)
     hf.to(device=ref.device, dtype=ref.dtype)
     if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)     # the same tensor as the embedding
         hf.tie_weights()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
