@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ModelConfig, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, check_safetensors_file, safe_join, short_error, write_json
+from .fileio import atomic_write, check_safetensors_file, safe_join, safetensors_bytes, short_error, write_json
 from .lora import (PEFT_PREFIX, LoRAConfig, _adapter_pairs, _built_with, _check_pair, inject_lora,
                    lora_layers, lora_state)
 from .model import unwrap_compiled
@@ -61,7 +61,6 @@ def save_adapter(out_dir: str | os.PathLike, model: nn.Module, cfg: LoRAConfig, 
                  base_config: ModelConfig | dict[str, Any], base_name: str | None = None) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir`` (each atomically;
     the config last). ``base_name`` becomes PEFT's ``base_model_name_or_path``."""
-    from safetensors.torch import save
 
     layers = lora_layers(model)
     if not layers:
@@ -74,7 +73,7 @@ def save_adapter(out_dir: str | os.PathLike, model: nn.Module, cfg: LoRAConfig, 
     base_config = to_dict(base_config) if isinstance(base_config, ModelConfig) else dict(base_config)
     meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "base_sha256": base_sha256,
             "base_config": base_config, "lora_config": to_dict(cfg), "modules": modules}
-    blob = save(tensors, metadata={"format": "pt", "minilm": json.dumps(meta)})
+    blob = safetensors_bytes(tensors, {"format": "pt", "minilm": json.dumps(meta)})
     out_dir = Path(out_dir)
     with atomic_write(safe_join(out_dir, ADAPTER_WEIGHTS), "wb") as fh:
         fh.write(blob)

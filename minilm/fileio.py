@@ -218,6 +218,24 @@ def check_safetensors_file(path: str | os.PathLike, kind: str, *, missing: str, 
                           "minilm")
 
 
+def safetensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
+    """``safetensors.torch.save`` with the header's metadata keys in sorted order. The library writes
+    ``__metadata__`` from a hash map, so with two or more keys their order (and the file's bytes) changes
+    from one process to the next, which breaks byte-reproducible outputs. Tensor entries are already in a
+    fixed order, and the data section is left untouched."""
+    import struct
+
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + size:]
+
+
 def short_error(err: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (or its type), for one-line error reports."""
     text = str(err).strip()
