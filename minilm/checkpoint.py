@@ -252,6 +252,34 @@ def check_compatible(ckpt: Checkpoint, path: str | os.PathLike, model_config: Mo
             raise CheckpointError(f"{path} was trained with {shown}; {fix}")
 
 
+# model keys that change how a model trains, not what its weights mean
+_TRAINING_ONLY = ("dropout", "init_std")
+
+
+def init_weights_from(model: nn.Module, path: str | os.PathLike, *, tokenizer_hash: str | None = None,
+                      what: str = "the initial checkpoint") -> str:
+    """Load only the weights of the minilm checkpoint ``path`` into ``model`` (not its optimizer, EMA,
+    data position or step): the start of a fresh run from a trained or imported model. The shape and
+    architecture must match ``model.config`` exactly and the recorded tokenizer must be ``tokenizer_hash``;
+    a mismatch is one :class:`CheckpointError` naming it. Returns the file's SHA-256."""
+    from .fileio import sha256_file
+
+    ckpt = load_checkpoint(path)
+    have, want = to_dict(ckpt.model_config), to_dict(unwrap_compiled(model).config)
+    diff = [k for k in want if k not in _TRAINING_ONLY and have.get(k) != want[k]]
+    if diff:
+        shown = ", ".join(f"model.{k}={have.get(k)!r} (this run: {want[k]!r})" for k in diff[:4])
+        raise CheckpointError(f"{what} {path} holds another model: {shown}; set these model params to the "
+                              "checkpoint's values, or start from a checkpoint of this shape")
+    recorded = ckpt.meta.get("extra", {}).get("tokenizer_sha256")
+    if tokenizer_hash is not None and recorded and recorded != tokenizer_hash:
+        raise CheckpointError(f"{what} {path} was trained with another tokenizer (sha256 {recorded[:12]}, this "
+                              f"run's is {tokenizer_hash[:12]}); its token ids would mean other text. Use the "
+                              "tokenizer it came with (for an imported model: minilm-import's tokenizer.model)")
+    load_model_state(model, ckpt.model_state)
+    return sha256_file(path)
+
+
 def restore_rng(rng_state: dict[str, torch.Tensor]) -> None:
     if "torch" in rng_state:
         torch.set_rng_state(rng_state["torch"].cpu())

@@ -268,6 +268,14 @@ DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining: the training loop's settings plus where the weights start."""
+
+    init_from: str = ""               # "" = random init; a minilm checkpoint: its weights only (fresh
+                                      # optimizer, schedule and step)
+
+
+@dataclass
 class SFTConfig(TrainConfig):
     """A fine-tuning run: the training loop's settings (with fine-tuning defaults) plus how pairs become
     sequences."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, ExportConfig, LoRAConfig, ModelConfig, Precision,
-                           SampleConfig, SFTConfig, TokenizerConfig, TrainConfig)
+                           PretrainConfig, SampleConfig, SFTConfig, TokenizerConfig)
 from minilm.errors import ConfigError
 from minilm.schema import build, load_yaml, suggest
 
@@ -84,7 +84,7 @@ def _sections() -> dict[str, type]:
         "tokenizer": TokenizerConfig,
         "encode": EncodeConfig,
         "model": ModelConfig,
-        "pretrain": TrainConfig,
+        "pretrain": PretrainConfig,
         "lora": LoRAConfig,
         "sft": SFTConfig,
         "evaluate": EvaluateConfig,
@@ -102,7 +102,7 @@ class Params:
     tokenizer: TokenizerConfig
     encode: EncodeConfig
     model: ModelConfig
-    pretrain: TrainConfig
+    pretrain: PretrainConfig
     lora: Any
     sft: Any
     evaluate: EvaluateConfig

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
-from minilm.errors import run_main
+from minilm.checkpoint import init_weights_from
 from minilm.config import to_dict
 from minilm.data import LMBatches, load_tokens, read_meta
-from minilm.errors import TrainingError
-from minilm.evaluation import lm_metrics, split_bytes_per_token
+from minilm.errors import CheckpointError, TrainingError, run_main
+from minilm.evaluation import lm_metrics, target_counts
 from minilm.fileio import write_json
 from minilm.model import GPT
 from minilm.precision import resolve_device
@@ -41,14 +42,16 @@ def main(argv: list[str] | None = None) -> None:
     data = LMBatches(load_tokens(ENCODED / "train.bin"), cfg.batch_size, T, seed=cfg.seed)
     evals = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed)
     eval_batches = evals.eval_batches(cfg.eval_batches, seed=cfg.seed)
-    run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(cfg), "tokenizer_sha256": tok.hash,
-                  "data_sha256": meta.get("source_sha256"), "code_sha256": stage_fingerprint("pretrain")}
-    resume_id = resume_run_id(PRETRAIN, run_config, cfg)
-
     device = resolve_device(params.project.device)
     import torch
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_cfg)
+    init_sha = initial_weights(model, cfg.init_from, tok.hash)
+    model.to(device)
+    run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(cfg), "tokenizer_sha256": tok.hash,
+                  "data_sha256": meta.get("source_sha256"), "init_sha256": init_sha,
+                  "code_sha256": stage_fingerprint("pretrain")}
+    resume_id = resume_run_id(PRETRAIN, run_config, cfg)
     n_params = model.num_parameters()
     facts: dict = {}
     with stage_run("pretrain", params, ["model", "pretrain", "project"], out_dir=PRETRAIN,
@@ -56,15 +59,18 @@ def main(argv: list[str] | None = None) -> None:
                    resume_run_id=resume_id, tags={"minilm.parameters": n_params}, facts=facts,
                    parent_metrics=["train_loss", "val_loss", "final_best_val_loss",
                                    "final_best_val_bits_per_byte"]) as run:
-        print(f"pretrain: {n_params / 1e6:.2f}M parameters, {cfg.max_steps} steps of "
-              f"{cfg.batch_size * cfg.grad_accum}x{T} tokens on {device}"
+        print(f"pretrain: {n_params / 1e6:.2f}M parameters"
+              + (f" from {cfg.init_from}" if cfg.init_from else "")
+              + f", {cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum}x{T} tokens on {device}"
               + (f" (resuming run {resume_id})" if resume_id else ""))
         result = train(model, data, cfg, out_dir=PRETRAIN, eval_batches=eval_batches, logger=run,
                        run_config=run_config, progress=params.project.progress,
-                       checkpoint_extra={"tokenizer_sha256": tok.hash}, last_extra={"mlflow_run_id": run.run_id})
+                       checkpoint_extra={"tokenizer_sha256": tok.hash,
+                                         **({"init_sha256": init_sha} if init_sha else {})},
+                       last_extra={"mlflow_run_id": run.run_id})
         stop_if_interrupted("pretrain", result)
         write_curves(result.history, PRETRAIN, "pretrain loss")
-        tokens, n_bytes = split_bytes_per_token(meta)
+        tokens, n_bytes = target_counts(eval_batches, tok.token_bytes())
         val = lm_metrics(result.best_val_loss, tokens=tokens, n_bytes=n_bytes)
         metrics = {"best_val_loss": val["loss"], "best_val_perplexity": val["perplexity"],
                    "best_val_bits_per_byte": val.get("bits_per_byte", math.nan),
@@ -80,6 +86,17 @@ def main(argv: list[str] | None = None) -> None:
             run.log_checkpoint(PRETRAIN / "best.safetensors")
     print(f"pretrain: best val loss {val['loss']:.4f} (perplexity {val['perplexity']:.2f}, "
           f"{val.get('bits_per_byte', math.nan):.3f} bits/byte) in {result.seconds:.0f}s")
+
+
+def initial_weights(model: GPT, init_from: str, tokenizer_hash: str) -> str | None:
+    """Load `pretrain.init_from` (weights only) into ``model``; its SHA-256 (None: random init)."""
+    if not init_from:
+        return None
+    path = Path(init_from)
+    if not path.is_file():
+        raise CheckpointError(f"pretrain.init_from: {init_from} is not a file; point it to a minilm checkpoint "
+                              "(e.g. an earlier out/pretrain/best.safetensors, or what minilm-import wrote)")
+    return init_weights_from(model, path, tokenizer_hash=tokenizer_hash, what="pretrain.init_from:")
 
 
 if __name__ == "__main__":

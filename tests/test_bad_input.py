@@ -197,6 +197,18 @@ CASES = {
         "sft", params({"model": {"context_length": 128}, "sft": {"max_length": 128}}),
         (f"{BASE} was trained with model.context_length=64 (params say 128)",
          "rerun the stage that trains it (e.g. `dvc repro pretrain`) or restore the params")),
+    "init-from-missing": Case("pretrain", params({"pretrain": {"init_from": "nope.safetensors"}}),
+                              ("pretrain.init_from: nope.safetensors is not a file",
+                               "point it to a minilm checkpoint")),
+    "init-from-another-shape": Case(
+        "pretrain", lambda repo: (copy(BASE, "init.safetensors")(repo),
+                                  set_params(repo, {"pretrain": {"init_from": "init.safetensors"},
+                                                    "model": {"n_layer": 3}})),
+        ("pretrain.init_from: init.safetensors holds another model: model.n_layer=2 (this run: 3)",
+         "set these model params to the checkpoint's values")),
+    "init-from-not-a-checkpoint": Case(
+        "pretrain", file("init.safetensors", "not a checkpoint\n", {"pretrain": {"init_from": "init.safetensors"}}),
+        ("init.safetensors is not a safetensors checkpoint", "point to a file written by minilm")),
     "lora-targets-match-nothing": Case("sft", params({"lora": {"targets": ["qkv_proj"]}}),
                                        ("lora.targets ['qkv_proj'] match no linear layer",
                                         "valid names: q_proj")),
@@ -544,6 +556,25 @@ def test_nonfinite_skip_policy_counts_skipped_steps(repo):
     metrics = json.loads((repo / "out/pretrain/metrics.json").read_text())
     assert metrics["steps"] == 8 and 0 < metrics["skipped_steps"] < 8, metrics
     assert "Traceback" not in proc.stderr
+
+
+def test_init_from_starts_a_fresh_run_from_the_checkpoints_weights(repo):
+    from minilm.checkpoint import load_checkpoint
+    from minilm.fileio import sha256_file
+
+    shutil.copy(repo / BASE, repo / "init.safetensors")
+    base = json.loads((repo / "out/pretrain/metrics.json").read_text())
+    set_params(repo, {"pretrain": {"init_from": "init.safetensors", "max_steps": 2, "eval_every": 2,
+                                   "warmup_steps": 1, "seed": 7}})
+    proc = stage(repo, "pretrain")
+    assert "from init.safetensors, 2 steps" in proc.stdout
+    last = load_checkpoint(repo / "out/pretrain/last.safetensors")
+    assert last.step == 2 and last.meta["extra"]["init_sha256"] == sha256_file(repo / "init.safetensors")
+    history = (repo / "out/pretrain/history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == ["2"]   # a fresh schedule, not the base run's
+    # two steps from random init would sit near ln(384) = 5.95; from the base it stays near the base's loss
+    again = json.loads((repo / "out/pretrain/metrics.json").read_text())
+    assert again["best_val_loss"] < min(base["best_val_loss"] + 0.3, 5.4)
 
 
 # --------------------------------------------------------------------------------------------------

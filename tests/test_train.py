@@ -389,3 +389,28 @@ def test_compiled_loss_traces_once_across_sft_lengths():
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
     torch._dynamo.reset()
     assert frames <= 3, f"compiled {frames} graphs for 6 lengths"
+
+
+# --------------------------------------------------------------------------------------------------
+# pretrain.init_from: weights only, strict
+
+
+def test_init_weights_from_loads_exactly_the_weights_and_refuses_a_mismatch(tmp_path):
+    from minilm.checkpoint import init_weights_from, save_checkpoint
+    from minilm.errors import CheckpointError
+    from minilm.fileio import sha256_file
+
+    cfg = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(1)
+    trained = GPT(cfg)
+    path = save_checkpoint(tmp_path / "init.safetensors", trained, step=500,
+                           extra={"tokenizer_sha256": "a" * 64})
+    torch.manual_seed(2)
+    fresh = GPT(dataclasses.replace(cfg, dropout=0.1))     # dropout changes training, not the weights
+    assert init_weights_from(fresh, path, tokenizer_hash="a" * 64) == sha256_file(path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"holds another model: model.d_model=32 \(this run: 64\)"):
+        init_weights_from(GPT(dataclasses.replace(cfg, d_model=64)), path)
+    with pytest.raises(CheckpointError, match="another tokenizer .*minilm-import's tokenizer.model") as err:
+        init_weights_from(GPT(cfg), path, tokenizer_hash="b" * 64)
+    assert "\n" not in str(err.value)
