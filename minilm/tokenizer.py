@@ -62,6 +62,13 @@ class Tokenizer(abc.ABC):
     def token_id(self, piece: str) -> int | None:
         """Id of a vocabulary piece (meant for special tokens such as ``"### Response:"``), else None."""
 
+    def token_bytes(self) -> list[int]:
+        """The UTF-8 bytes each id stands for in decoded text (bos, eos and pad: 0), so that for ids
+        that do not split a character ``sum(token_bytes()[i] for i in ids) == len(decode(ids).encode())``.
+        Exact bits per byte divides the summed loss by these counts."""
+        skip = {self.bos_id, self.eos_id, self.pad_id}
+        return [0 if i in skip else len(self.decode([i]).encode()) for i in range(self.vocab_size)]
+
     def _skip_specials(self, ids: Sequence[int]) -> list[int]:
         skip = {self.bos_id, self.eos_id, self.pad_id}
         return [i for i in map(int, ids) if i not in skip]
@@ -113,6 +120,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(self._skip_specials(ids))
+
+    def token_bytes(self) -> list[int]:
+        # a byte-fallback piece is one byte of a character (decoded alone it would be U+FFFD); control
+        # pieces (bos, eos, pad) decode to nothing; every other piece decodes to its own text
+        sp = self._sp
+        return [1 if sp.is_byte(i) else 0 if sp.is_control(i) else len(sp.decode([i]).encode())
+                for i in range(self.vocab_size)]
 
     def token_id(self, piece: str) -> int | None:
         piece = _sp_piece(piece)

@@ -1,6 +1,6 @@
 """evaluate: how good are the models on held-out data?
 
-- validation text (a fixed, seeded set of windows from out/encoded/val.bin): loss, perplexity and bits
+- validation text (a fixed, seeded set of windows from out/encoded/val.bin): loss, perplexity and exact bits
   per byte of the base model and of the SFT (merged) model;
 - held-out SFT pairs (data/sft_val.jsonl, rendered with `sft.template`): loss and perplexity on the
   response tokens (+EOS) only, for the base model zero-shot and for the SFT model.
@@ -17,8 +17,8 @@ import pandas as pd
 from minilm.checkpoint import check_compatible, load_model
 from minilm.errors import run_main
 from minilm.pairs import read_pairs
-from minilm.data import LMBatches, load_tokens, read_meta
-from minilm.evaluation import lm_metrics, split_bytes_per_token
+from minilm.data import LMBatches, load_tokens
+from minilm.evaluation import lm_metrics, target_counts
 from minilm.fileio import check_writable, write_json, write_text
 from minilm.precision import resolve_device
 from minilm.sft import encode_pairs, response_loss
@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                    parent_metrics=[f"{m}.{d}.{k}" for m in ("base", "sft") for d, k in
                                    (("val_text", "loss"), ("val_text", "bits_per_byte"),
                                     ("sft_val_responses", "loss"))]) as run:
-        meta = read_meta(ENCODED)
-        tokens, n_bytes = split_bytes_per_token(meta)
-        pairs = read_pairs(SFT_VAL)
+        pairs, token_bytes = read_pairs(SFT_VAL), tok.token_bytes()
         if cfg.sft_pairs:
             pairs = pairs.iloc[: cfg.sft_pairs]
         rows = []
@@ -56,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             T = ckpt.model_config.context_length
             windows = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed
                                 ).eval_batches(cfg.batches, seed=cfg.seed)
+            tokens, n_bytes = target_counts(windows, token_bytes)
             text = lm_metrics(evaluate_loss(model, windows, device=device), tokens=tokens, n_bytes=n_bytes)
             rows.append({"model": name, "data": "val_text", **text})
             examples = encode_pairs(pairs, tok, params.sft, T)
