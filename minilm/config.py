@@ -280,6 +280,7 @@ class SFTConfig(TrainConfig):
     """A fine-tuning run: the training loop's settings (with fine-tuning defaults) plus how pairs become
     sequences."""
 
+    method: Literal["lora", "full"] = "lora"   # train a LoRA adapter, or every weight of the model
     max_steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3                  # LoRA trains few, zero-started weights: a higher lr than full FT

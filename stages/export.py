@@ -1,7 +1,7 @@
 """export: the merged SFT model (out/merge/model.safetensors) with its tokenizer, as
 - out/export/hf/: a Hugging Face directory (transformers' AutoModelForCausalLM / AutoTokenizer load it
   with no custom code; its chat template renders `sft.template`, generation_config.json carries the
-  `generate` sampling defaults; PEFT loads out/sft/adapter onto it), and
+  `generate` sampling defaults; PEFT loads out/sft/tuned onto it), and
 - out/export/model.gguf: one GGUF file for llama.cpp, matrices in `export.gguf_type`.
 Writes out/export/metrics.json (file sizes). Both outputs are byte-reproducible."""
 

@@ -1,9 +1,10 @@
-"""sft: LoRA supervised fine-tuning of the pretrained base model on data/sft_train.jsonl.
+"""sft: supervised fine-tuning of the pretrained base model on data/sft_train.jsonl.
 
-Only the LoRA weights train (params `lora`); the pairs are rendered through `sft.template`, and the loss
-covers only the response tokens plus EOS (unless `sft.response_only: false`). Writes the adapter in a
-PEFT-readable layout (out/sft/adapter/adapter_model.safetensors + adapter_config.json), `last`/`best`
-adapter checkpoints (resumed like pretrain), metrics.json, history.csv and loss.png.
+`sft.method: lora` trains only LoRA weights (params `lora`) and writes them in a PEFT-readable layout
+(out/sft/tuned/adapter_model.safetensors + adapter_config.json); `full` trains every weight and writes
+out/sft/tuned/model.safetensors. The pairs are rendered through `sft.template`, and the loss covers only
+the response tokens plus EOS (unless `sft.response_only: false`). Also writes `last`/`best` checkpoints
+(resumed like pretrain), metrics.json, history.csv and loss.png.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import math
 
 import torch
 
-from minilm.checkpoint import check_compatible, load_checkpoint, load_model_state
+from minilm.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+from minilm.checkpoint import Checkpoint, check_compatible, load_checkpoint, load_model_state, save_checkpoint
+from minilm.config import LoRAConfig, to_dict
 from minilm.errors import run_main
-from minilm.config import to_dict
-from minilm.pairs import read_pairs
 from minilm.fileio import sha256_file, write_json
-from minilm.adapter import save_adapter
+from minilm.pairs import read_pairs
 from minilm.lora import inject_lora, lora_state, mark_only_lora_trainable, trainable_report
 from minilm.model import GPT
 from minilm.precision import resolve_device
@@ -26,7 +27,7 @@ from minilm.sft import SFTBatches, encode_pairs, eval_batches
 from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
-from .common import ADAPTER, PRETRAIN, SFT, SFT_TRAIN, SFT_VAL, setup, stage_run, tokenizer_path
+from .common import FULL_WEIGHTS, PRETRAIN, SFT, SFT_TRAIN, SFT_VAL, TUNED, setup, stage_run, tokenizer_path
 from .training import resume_run_id, stage_fingerprint, stop_if_interrupted, timings, write_curves
 
 PARAMS = ["model", "lora", "sft", "project.device"]   # model: the base must match it
@@ -45,17 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     ctx = base.model_config.context_length
     train_set = encode_pairs(read_pairs(SFT_TRAIN), tok, cfg, ctx)
     val_set = encode_pairs(read_pairs(SFT_VAL), tok, cfg, ctx)
-    run_config = {"lora": to_dict(lora_cfg), "sft": to_dict(cfg), "base_sha256": base_sha,
-                  "tokenizer_sha256": tok.hash, "train_sha256": sha256_file(SFT_TRAIN),
-                  "code_sha256": stage_fingerprint("sft")}
+    run_config = {"sft": to_dict(cfg), "base_sha256": base_sha, "tokenizer_sha256": tok.hash,
+                  "train_sha256": sha256_file(SFT_TRAIN), "code_sha256": stage_fingerprint("sft"),
+                  **({"lora": to_dict(lora_cfg)} if cfg.method == "lora" else {})}
     resume_id = resume_run_id(SFT, run_config, cfg)
 
     device = resolve_device(params.project.device)
     torch.manual_seed(cfg.seed)
-    model = GPT(base.model_config)
-    load_model_state(model, base.model_state)
-    wrapped = inject_lora(model, lora_cfg)
-    mark_only_lora_trainable(model)
+    model, what = tuned_model(base, cfg.method, lora_cfg)
     model.to(device)
     report = trainable_report(model)
     data = SFTBatches(train_set, cfg.batch_size, cfg.seed, tok.pad_id, grad_accum=cfg.grad_accum)
@@ -63,20 +61,24 @@ def main(argv: list[str] | None = None) -> None:
     facts: dict = {}
     with stage_run("sft", params, ["model", "lora", "sft", "project"], out_dir=SFT, resume_run_id=resume_id,
                    inputs={"base_model": BASE, "tokenizer": tokenizer_path(), "sft_train": SFT_TRAIN,
-                           "sft_val": SFT_VAL}, facts=facts,
+                           "sft_val": SFT_VAL}, facts=facts, tags={"minilm.sft_method": cfg.method},
                    parent_metrics=["train_loss", "val_loss", "final_best_val_response_loss"]) as run:
-        print(f"sft: LoRA r={lora_cfg.rank} on {len(wrapped)} layers: {report['trainable']:,} trainable of "
-              f"{report['total']:,} parameters ({100 * report['share']:.2f}%); {len(train_set)} pairs "
-              f"({train_set.truncated} truncated, {train_set.dropped} dropped)")
+        print(f"sft: {what}: {report['trainable']:,} trainable of {report['total']:,} parameters "
+              f"({100 * report['share']:.2f}%); {len(train_set)} pairs ({train_set.truncated} truncated, "
+              f"{train_set.dropped} dropped)")
         result = train(model, data, cfg, out_dir=SFT, eval_batches=evals, logger=run,
                        run_config=run_config, progress=params.project.progress,
-                       save_state=lora_state, tokens_per_batch=data.tokens_per_batch,
-                       checkpoint_extra={"base_sha256": base_sha}, last_extra={"mlflow_run_id": run.run_id})
+                       save_state=lora_state if cfg.method == "lora" else None,
+                       tokens_per_batch=data.tokens_per_batch,
+                       checkpoint_extra={"base_sha256": base_sha, "tokenizer_sha256": tok.hash},
+                       last_extra={"mlflow_run_id": run.run_id})
         stop_if_interrupted("sft", result)
         best = load_checkpoint(SFT / "best.safetensors")
-        model.load_state_dict(best.model_state, strict=False)
-        save_adapter(ADAPTER, model, lora_cfg, base_sha256=base_sha, base_config=to_dict(base.model_config),
-                     base_name=str(BASE))
+        if cfg.method == "full":
+            load_model_state(model, best.model_state)
+        else:
+            model.load_state_dict(best.model_state, strict=False)     # the adapter weights only
+        write_tuned(model, cfg.method, lora_cfg, base, base_sha, tok.hash)
         write_curves(result.history, SFT, "SFT response loss")
         metrics = {"best_val_response_loss": result.best_val_loss,
                    "best_val_response_perplexity": math.exp(min(result.best_val_loss, 700)),
@@ -89,9 +91,38 @@ def main(argv: list[str] | None = None) -> None:
         run.log_metrics({k: facts[k] for k in ("train_seconds", "resumed_from_step")}, step=result.step)
         for name in ("metrics.json", "history.csv", "loss.png"):
             run.log_artifact(SFT / name)
-        run.log_artifact(ADAPTER, "adapter")
+        if cfg.method == "lora" or params.mlflow.log_checkpoints:
+            run.log_artifact(TUNED, "tuned")
     print(f"sft: best held-out response loss {result.best_val_loss:.4f} in {result.seconds:.0f}s "
-          f"-> {ADAPTER}")
+          f"-> {TUNED}")
+
+
+def tuned_model(base: Checkpoint, method: str, lora_cfg: LoRAConfig) -> tuple[GPT, str]:
+    """The base model made ready to fine-tune: LoRA-wrapped with only the adapter trainable, or whole."""
+    model = GPT(base.model_config)
+    load_model_state(model, base.model_state)
+    if method == "full":
+        return model, "full fine-tuning"
+    wrapped = inject_lora(model, lora_cfg)
+    mark_only_lora_trainable(model)
+    return model, f"LoRA r={lora_cfg.rank} on {len(wrapped)} layers"
+
+
+def write_tuned(model: GPT, method: str, lora_cfg: LoRAConfig, base: Checkpoint, base_sha: str,
+                tokenizer_hash: str) -> None:
+    """out/sft/tuned: the PEFT adapter files (lora) or the whole fine-tuned model (full); a file the other
+    method left there is removed, so merge reads only what this run made."""
+    TUNED.mkdir(parents=True, exist_ok=True)
+    stale = [TUNED / FULL_WEIGHTS] if method == "lora" else [TUNED / ADAPTER_WEIGHTS, TUNED / ADAPTER_CONFIG]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if method == "lora":
+        save_adapter(TUNED, model, lora_cfg, base_sha256=base_sha, base_config=to_dict(base.model_config),
+                     base_name=str(BASE))
+    else:
+        save_checkpoint(TUNED / FULL_WEIGHTS, model, step=0,
+                        extra={"tokenizer_sha256": tokenizer_hash, "base_sha256": base_sha,
+                               "sft_method": "full"})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ BAD = merge(TINY, {
     "sft": {"max_steps": 4, "eval_every": 2, "log_every": 2, "threads": 1},
 })
 BASE = "out/pretrain/best.safetensors"
-ADAPTER = "out/sft/adapter/adapter_model.safetensors"
+ADAPTER = "out/sft/tuned/adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def adapter_for_another_shape(repo: Path) -> None:
     for layer in model.modules():
         if hasattr(layer, "lora_B"):
             torch.nn.init.normal_(layer.lora_B.weight)
-    save_adapter(repo / "out/sft/adapter", model, cfg, base_sha256=sha256_file(repo / BASE),
+    save_adapter(repo / "out/sft/tuned", model, cfg, base_sha256=sha256_file(repo / BASE),
                  base_config=model.config)
 
 

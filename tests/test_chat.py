@@ -168,6 +168,13 @@ def test_sample_defaults_are_the_seeds():
         == (0.6, 0.92, 1.2, 5, 40, 120)
     args = sample_parser().parse_args(["--ckpt", "c", "--tokenizer", "t"])
     assert sample_config(args, d.min_new_tokens) == d
+    # the generate stage samples with the same values (params.yaml, the pipeline's source of truth)
+    from pathlib import Path
+
+    from stages.params import load_params
+
+    gen = load_params(Path(__file__).parents[1] / "params.yaml").generate
+    assert {f.name: getattr(gen, f.name) for f in dataclasses.fields(SampleConfig)} == dataclasses.asdict(d)
 
 
 def test_seed_aliases_mean_the_long_flags():

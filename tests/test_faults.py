@@ -280,8 +280,8 @@ def test_sigterm_saves_last_before_exiting(pretrain_runs):
 def test_sft_killed_and_resumed_equals_the_uninterrupted_run(sft_runs):
     ref, chain, stops = sft_runs
     _check_resume(ref, chain, "sft", stops, SFT_STEPS)
-    same_tensors(chain / "out/sft/adapter/adapter_model.safetensors",
-                 ref / "out/sft/adapter/adapter_model.safetensors")
+    same_tensors(chain / "out/sft/tuned/adapter_model.safetensors",
+                 ref / "out/sft/tuned/adapter_model.safetensors")
 
 
 def test_sigint_saves_last_before_exiting(sft_runs):
@@ -590,7 +590,7 @@ def test_planted_malicious_checkpoint_and_adapter_are_refused_without_running(ki
     repo = copy_repo(sft_runs[0], tmp_path / "repo")
     marker = tmp_path / "pwned"
     blob = plant_pickles(tmp_path, marker)[kind]
-    adapter, base = repo / "out/sft/adapter", repo / "out/pretrain/best.safetensors"
+    adapter, base = repo / "out/sft/tuned", repo / "out/pretrain/best.safetensors"
     model = GPT(load_checkpoint(base).model_config)
 
     (adapter / "adapter_model.safetensors").write_bytes(blob)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_repro_writes_every_output(repo):
                 "out/tokenizer/tokenizer.model", "out/encoded/train.bin", "out/encoded/val.bin",
                 "out/pretrain/best.safetensors", "out/pretrain/last.safetensors",
                 "out/pretrain/history.csv", "out/pretrain/loss.png", "out/evaluate/metrics.json",
-                "out/sft/adapter/adapter_model.safetensors", "out/sft/adapter/adapter_config.json",
+                "out/sft/tuned/adapter_model.safetensors", "out/sft/tuned/adapter_config.json",
                 "out/sft/loss.png", "out/merge/model.safetensors", "out/merge/metrics.json",
                 "out/generate/samples.md", "out/generate/samples.jsonl"]:
         assert (repo / rel).is_file() and (repo / rel).stat().st_size > 0, rel
@@ -221,6 +222,30 @@ def test_lora_param_reruns_only_the_fine_tuning_half(repo):
     proc = sh(repo, "dvc", "repro")
     ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["sft", "merge", "evaluate", "generate", "export"], proc.stdout
+
+
+def test_full_fine_tuning_writes_a_whole_model_that_merge_passes_through(repo):
+    from minilm.checkpoint import load_checkpoint
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sft"].update(method="full", lr=5e-4, min_lr=5e-5)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = sh(repo, "dvc", "repro")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["sft", "merge", "evaluate", "generate", "export"], proc.stdout
+    assert sorted(p.name for p in (repo / "out/sft/tuned").iterdir()) == ["model.safetensors"]
+    sft = json.loads((repo / "out/sft/metrics.json").read_text())
+    assert sft["trainable_share"] == 1.0 and sft["best_val_response_loss"] < 8
+    merge = json.loads((repo / "out/merge/metrics.json").read_text())
+    assert merge == {"max_abs_logit_diff": 0.0, "merged_layers": 0}
+    tuned, merged = (load_checkpoint(repo / p) for p in ("out/sft/tuned/model.safetensors",
+                                                         "out/merge/model.safetensors"))
+    base = load_checkpoint(repo / "out/pretrain/best.safetensors")
+    assert merged.meta["extra"]["sft_method"] == "full"
+    assert all(torch.equal(tuned.model_state[k], v) for k, v in merged.model_state.items())
+    assert any(not torch.equal(base.model_state[k], v) for k, v in merged.model_state.items())
+    evaluated = json.loads((repo / "out/evaluate/metrics.json").read_text())
+    assert evaluated["sft"]["sft_val_responses"]["loss"] < evaluated["base"]["sft_val_responses"]["loss"]
 
 
 def test_dvc_exp_run_and_show(repo):
