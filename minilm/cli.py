@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from .config import DEFAULT_TEMPLATE, Precision, SampleConfig, build, load_yaml, template_problems
+from .config import DEFAULT_TEMPLATE, DecodePrecision, SampleConfig, build, load_yaml, template_problems
 from .errors import CheckpointError, ConfigError, DataError, MinilmError, run_main  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
@@ -36,9 +36,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                     help="tokenizer file the model was trained with")
     io.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where to run: auto = cuda when available, else cpu")
-    io.add_argument("--precision", choices=get_args(Precision), default="auto",
+    io.add_argument("--precision", choices=get_args(DecodePrecision), default="auto",
                     help="weights while decoding: auto = bf16 where the hardware has it natively "
-                         "(decoding reads every weight per token; bf16 halves that), else fp32")
+                         "(decoding reads every weight per token; bf16 halves that), else fp32; int8 = "
+                         "weight-only int8 linear layers (a quarter of fp32's weight bytes)")
     io.add_argument("--ema", action="store_true",
                     help="use the EMA weights when the checkpoint has them")
     io.add_argument("--params", metavar="PATH",
@@ -145,12 +146,12 @@ def load_for_inference(args: argparse.Namespace) -> Loaded:
     import torch
 
     from .checkpoint import check_compatible, load_model
-    from .precision import inference_dtype
+    from .precision import check_decode_precision, for_decoding
     from .tokenizer import load_tokenizer  # imported here: the CLI must not need it for --help
 
-    dtype = inference_dtype(args.precision, torch.device(device))   # a bad choice fails before loading
+    check_decode_precision(args.precision, torch.device(device))   # a bad choice fails before loading
     model, ckpt = load_model(args.ckpt, device, use_ema=args.ema)
-    model.to(dtype)
+    for_decoding(model, args.precision, torch.device(device))
     if args.ema and not ckpt.ema_state:
         print(f"note: {args.ckpt} has no EMA weights; using the model weights", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)

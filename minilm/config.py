@@ -19,6 +19,7 @@ __all__ = ["ModelConfig", "TokenizerConfig", "TrainConfig", "SampleConfig", "LoR
            "DataConfig", "ExportConfig", "GGUFType", "Precision", "build", "from_dict", "to_dict", "load_yaml", "suggest"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]   # training (autocast) and decoding (weights)
+DecodePrecision = Literal["auto", "fp32", "bf16", "fp16", "int8"]   # decoding: + int8 weight-only
 
 # --------------------------------------------------------------------------------------------------
 # model

@@ -357,7 +357,7 @@ def _padded_mask(key_mask: torch.Tensor, T: int, start: int) -> tuple[torch.Tens
     causal = torch.ones(T, total, dtype=torch.bool, device=key_mask.device).tril(start)
     mask = causal[None] & key_mask[:, None, :]                           # (B, T, total)
     diag = torch.zeros(T, total, dtype=torch.bool, device=key_mask.device)
-    diag[torch.arange(T), torch.arange(start, total)] = True
+    diag[torch.arange(T, device=key_mask.device), torch.arange(start, total, device=key_mask.device)] = True
     mask = mask | (diag[None] & ~key_mask[:, start:, None])
     return positions, mask.unsqueeze(1)
 

@@ -65,6 +65,23 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     return DTYPES[resolved]
 
 
+def for_decoding(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """``model`` ready to decode in ``precision``: its weights in :func:`inference_dtype`, or for 'int8'
+    weight-only int8 linear layers (``minilm.quant``) with activations in bf16 where the hardware does it
+    natively, else fp32. Returns the model (changed in place)."""
+    if precision == "int8":
+        from .quant import quantize_int8
+
+        return quantize_int8(model, inference_dtype("auto", device))
+    return model.to(inference_dtype(precision, device))
+
+
+def check_decode_precision(precision: str, device: torch.device) -> None:
+    """Refuse a decoding precision the device cannot run, in one line, before any loading."""
+    if precision != "int8":
+        inference_dtype(precision, device)
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

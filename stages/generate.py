@@ -12,7 +12,7 @@ from minilm.errors import run_main
 from minilm.config import SampleConfig
 from minilm.pairs import read_pairs
 from minilm.fileio import check_writable, write_text
-from minilm.precision import inference_dtype, resolve_device
+from minilm.precision import check_decode_precision, for_decoding, resolve_device
 from minilm.sampling import generate
 from minilm.tokenizer import load_tokenizer
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.generate
     sampling = SampleConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SampleConfig)})
     device = resolve_device(params.project.device)
-    dtype = inference_dtype(cfg.precision, device)
+    check_decode_precision(cfg.precision, device)
     base_path = PRETRAIN / "best.safetensors"
     check_writable(GENERATE)            # a read-only out/ fails now, not after all the decoding
     tok = load_tokenizer(tokenizer_path())
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
                            "sft_val": SFT_VAL}) as run:
         base, base_ckpt = load_model(base_path, device)
         check_compatible(base_ckpt, base_path, model_cfg, tokenizer_hash=tok.hash)
-        base.to(dtype)
-        run.set_tags({"generate.dtype": str(dtype).removeprefix("torch.")})
+        for_decoding(base, cfg.precision, device)
+        dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+        run.set_tags({"generate.dtype": dtype + (" with int8 weights" if cfg.precision == "int8" else "")})
         records = [{"model": "base", "prompt": p, "completion": c}
                    for p, c in zip(cfg.prompts, generate(base, tok, cfg.prompts, sampling, device=device))]
         if cfg.sft_questions:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             answer_cfg = dataclasses.replace(sampling, stop=[*sampling.stop, marker], min_new_tokens=0)
             sft_model, sft_ckpt = load_model(MERGED, device)
             check_compatible(sft_ckpt, MERGED, model_cfg, tokenizer_hash=tok.hash)
-            sft_model.to(dtype)
+            for_decoding(sft_model, cfg.precision, device)
             answers = generate(sft_model, tok, prompts, answer_cfg, device=device)
             records += [{"model": "sft", "prompt": p, "completion": a.strip(), "reference": ref}
                         for p, a, ref in zip(prompts, answers, pairs["response"])]

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, ExportConfig, LoRAConfig, ModelConfig, Precision,
-                           PretrainConfig, SampleConfig, SFTConfig, TokenizerConfig)
+from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, DecodePrecision, ExportConfig, LoRAConfig,
+                           ModelConfig, Precision, PretrainConfig, SampleConfig, SFTConfig, TokenizerConfig)
 from minilm.errors import ConfigError
 from minilm.schema import build, load_yaml, suggest
 
@@ -65,7 +65,7 @@ class EvaluateConfig:
 class GenerateConfig(SampleConfig):
     prompts: list[str] = field(default_factory=lambda: ["The"])
     sft_questions: int = 8             # held-out SFT instructions answered by the fine-tuned model
-    precision: Precision = "auto"      # weights while decoding: auto (bf16 where native) | fp32 | bf16 | fp16
+    precision: DecodePrecision = "auto"   # decoding weights: auto (bf16 where native) | fp32 | bf16 | fp16 | int8
 
     def problems(self) -> list[str]:
         p = super().problems()

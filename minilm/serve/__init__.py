@@ -15,7 +15,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import Precision
+from ..config import DecodePrecision
 from ..schema import positive
 
 LOOPBACK_NAMES = ("localhost",)
@@ -36,7 +36,7 @@ class ServeConfig:
     max_tokens: int = 512             # the largest max_tokens a request may ask for
     default_max_tokens: int = 120     # when a request gives none (cut to what fits in the context)
     device: str = "auto"              # auto | cpu | cuda[:N]
-    precision: Precision = "auto"     # weights while decoding (as generate.precision)
+    precision: DecodePrecision = "auto"   # weights while decoding (as generate.precision)
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     log_level: LogLevel = "warning"
 
