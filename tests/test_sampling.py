@@ -327,6 +327,23 @@ def test_run_main_exit_codes(capsys):
     assert MinilmError.exit_code == 2
 
 
+def test_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
+    def cuda_oom(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\n"
+                                     "more detail")
+
+    def host_oom(argv):
+        torch.empty(1 << 62, dtype=torch.uint8)       # the CPU allocator refuses 4 EiB
+
+    for main in (cuda_oom, host_oom):
+        assert run_main(main, []) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: out of memory (")
+        assert "lower batch_size and raise grad_accum" in err
+    with pytest.raises(RuntimeError, match="something else"):     # other errors are not swallowed
+        run_main(lambda argv: (_ for _ in ()).throw(RuntimeError("something else")), [])
+
+
 def test_sample_help_exits_zero(capsys):
     assert sample_main(["--help"]) == 0
     out = capsys.readouterr().out
