@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from minilm.errors import run_main
+from minilm.corpus import JUNK_LIMIT, not_text_error, sniff_text
 from minilm.data import encode_corpus
+from minilm.errors import run_main
 from minilm.tokenizer import load_tokenizer
 
 from .common import CORPUS, ENCODED, flat_numbers, setup, stage_run, tokenizer_path
@@ -15,6 +16,10 @@ PARAMS = ["encode"]                   # project.progress is display only
 def main(argv: list[str] | None = None) -> None:
     params = setup("encode", __doc__, argv)
     tok_path = tokenizer_path()
+    if CORPUS.is_file():     # a hand-placed binary is refused whatever encode.invalid_utf8 says, as in prepare
+        seen = sniff_text(CORPUS)
+        if seen["junk"] >= JUNK_LIMIT * max(seen["chars"], 1):
+            raise not_text_error(CORPUS)
     with stage_run("encode", params, ["encode"], out_dir=ENCODED,
                    inputs={"corpus": CORPUS, "tokenizer": tok_path}) as run:
         tok = load_tokenizer(tok_path)

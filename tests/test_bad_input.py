@@ -197,6 +197,9 @@ CASES = {
         "sft", params({"model": {"context_length": 128}, "sft": {"max_length": 128}}),
         (f"{BASE} was trained with model.context_length=64 (params say 128)",
          "rerun the stage that trains it (e.g. `dvc repro pretrain`) or restore the params")),
+    "encode-binary-corpus-with-replace": Case(
+        "encode", file("data/corpus.txt", bytes(range(256)) * 400, {"encode": {"invalid_utf8": "replace"}}),
+        ("data/corpus.txt is not UTF-8 text", "it looks like a binary file")),
     "init-from-missing": Case("pretrain", params({"pretrain": {"init_from": "nope.safetensors"}}),
                               ("pretrain.init_from: nope.safetensors is not a file",
                                "point it to a minilm checkpoint")),
