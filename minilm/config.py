@@ -381,3 +381,25 @@ class ExportConfig:
         if not self.name.strip():
             return ["name must not be empty"]
         return []
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed training (torchrun)
+
+
+@dataclass
+class DistributedConfig:
+    """params.yaml ``distributed:``: how pretrain and sft spread over processes. ``nproc_per_node`` 1 runs
+    one process; above 1 a stage relaunches itself under torchrun on this machine (several machines: start
+    torchrun yourself, see README "Scaling out"). Each process draws ``batch_size x grad_accum`` sequences
+    a step, so the global batch is ``batch_size x grad_accum x world size``."""
+
+    nproc_per_node: int = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"     # fsdp: fully_shard per block, then the root (FSDP2)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl on CUDA, gloo on CPU
+    timeout_s: float = 300.0          # a collective waiting longer than this fails (a rank died or hangs)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, self, "nproc_per_node", "timeout_s")
+        return p

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
+from .distributed import SINGLE, Parallel
 from .ema import EMA
 from .errors import TrainingError
 from .fileio import check_writable, remove_stale_temps
@@ -117,21 +118,31 @@ def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.d
 def accumulate_gradients(model: nn.Module, micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]], *,
                          device: torch.device, precision: str = "fp32",
                          scaler: torch.amp.GradScaler | None = None,
-                         loss_fn: LossFn = token_loss_sum) -> torch.Tensor:
+                         loss_fn: LossFn = token_loss_sum, n_targets: int | None = None,
+                         no_sync: Callable[[], Any] | None = None) -> torch.Tensor:
     """Backward over the micro-batches of one optimizer step; returns the step's mean token loss.
 
     The loss is normalised by the number of target tokens in the *whole* accumulated batch, so the
     gradient equals that of one big batch even when micro-batches hold different numbers of targets.
-    ``loss_fn`` is :func:`token_loss_sum` or a compiled version of it.
+    ``loss_fn`` is :func:`token_loss_sum` or a compiled version of it. Under data parallelism
+    ``n_targets`` is the count over every rank's micro-batches (the returned loss is then this rank's
+    share of the global mean) and ``no_sync`` (DDP's) skips the gradient sync before the last backward.
     """
-    n_targets = sum(int((y != -100).sum()) for _, y, _ in micro)
+    if n_targets is None:
+        n_targets = count_targets(micro)
     loss_sum = torch.zeros((), device=device)
-    for x, y, kw in micro:
-        with autocast(device, precision):
-            loss = loss_fn(model, x, y, kw) / max(n_targets, 1)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, (x, y, kw) in enumerate(micro):
+        last = i == len(micro) - 1
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+            with autocast(device, precision):
+                loss = loss_fn(model, x, y, kw) / max(n_targets, 1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
     return loss_sum
+
+
+def count_targets(micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]]) -> int:
+    return sum(int((y != -100).sum()) for _, y, _ in micro)
 
 
 def _unpack(b: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -214,6 +225,7 @@ class _Checkpoints:
     last_extra: dict[str, Any]
     precision: str
     on_checkpoint: Callable[[str, Path], None] | None = None
+    par: Parallel = field(default_factory=Parallel)   # data parallel: every rank gathers, rank 0 writes
 
     @property
     def last(self) -> Path:
@@ -231,22 +243,29 @@ class _Checkpoints:
         """``last`` (or, with ``kind="stable"``, WSD's branch point): the whole state of the run."""
         train_state = dict(state.to_meta(), ema_updates=self.ema.updates if self.ema else 0,
                            precision=self.precision, decay_start=decay_start(cfg),
-                           max_steps=cfg.max_steps)
+                           max_steps=cfg.max_steps, world_size=self.par.world)
         if self.scaler is not None:
             train_state["scaler"] = self.scaler.state_dict()
         extra = dict(self.extra, **self.last_extra, train_state=train_state, kind=kind)
+        par = self.par
+        weights, optim = par.full_state(self.save_state(self.model)), par.optimizer_state(self.optimizer)
+        ema = par.full_state(self.ema.state_dict()) if self.ema else None
+        if not par.is_main:
+            return
         ckpt_io.save_checkpoint(self.last if kind == "last" else self.stable, self.model, step=state.step,
-                                config=self.run_config, state=self.save_state(self.model),
-                                optimizer=self.optimizer, rng=True,
-                                ema_state=self.ema.state_dict() if self.ema else None, extra=extra)
+                                config=self.run_config, state=weights, optimizer=_StateOf(optim), rng=True,
+                                ema_state=ema, extra=extra)
         self._saved(kind)
 
     def save_best(self, state: TrainState, swap_ema: bool) -> None:
         extra = dict(self.extra, kind="best", val_loss=state.best_val)
         with (self.ema.swapped(self.model) if (swap_ema and self.ema) else contextlib.nullcontext()):
-            ckpt_io.save_checkpoint(self.best, self.model, step=state.step, config=self.run_config,
-                                    state=self.save_state(self.model), extra=extra)
-        self._saved("best")
+            weights = self.par.full_state(self.save_state(self.model))   # views: write while swapped
+            if self.par.is_main:
+                ckpt_io.save_checkpoint(self.best, self.model, step=state.step, config=self.run_config,
+                                        state=weights, extra=extra)
+        if self.par.is_main:
+            self._saved("best")
 
     def _saved(self, kind: str) -> None:
         if self.on_checkpoint is not None:
@@ -255,21 +274,36 @@ class _Checkpoints:
     def restore(self, cfg: TrainConfig) -> TrainState | None:
         """Load the checkpoint :func:`resume_point` picks into the model, optimizer, EMA, scaler and RNG;
         None (and nothing loaded) when there is none."""
-        path = resume_point(self.out_dir, self.run_config, cfg)
+        par = self.par     # rank 0 reads (only its disk need hold the checkpoint) and sends it to all
+        path = par.from_main(lambda: resume_point(self.out_dir, self.run_config, cfg))
         if path is None:
-            if self.last.exists():
+            if par.is_main and self.last.exists():
                 print(f"minilm: {self.last} was written with other params or is finished; starting afresh")
             return None
-        ckpt = ckpt_io.load_checkpoint(path)
-        _load_weights(self.model, ckpt.model_state)
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        ckpt = par.from_main(lambda: ckpt_io.load_checkpoint(path))
+        _load_weights(self.model, par.local_state(ckpt.model_state, self.model.state_dict()))
+        par.load_optimizer_state(self.optimizer, ckpt.optimizer_state)
         meta = ckpt.meta["extra"].get("train_state", {})
+        if par.is_main and meta.get("world_size", 1) != par.world:
+            print(f"minilm: resuming step {ckpt.step} of a run on {meta.get('world_size', 1)} process(es) "
+                  f"with {par.world}")
         if self.ema is not None and ckpt.ema_state is not None:
-            self.ema.load_state_dict(ckpt.ema_state, meta.get("ema_updates", 0))
+            self.ema.load_state_dict(par.local_state(ckpt.ema_state, self.ema.state_dict()),
+                                     meta.get("ema_updates", 0))
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
         ckpt_io.restore_rng(ckpt.rng_state)
         return TrainState.from_meta(ckpt.step, meta)
+
+
+class _StateOf:
+    """An optimizer's state already gathered (what :func:`minilm.checkpoint.save_checkpoint` reads)."""
+
+    def __init__(self, sd: dict[str, Any]) -> None:
+        self.sd = sd
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sd
 
 
 def resume_point(out_dir: str | Path, run_config: dict[str, Any], cfg: TrainConfig) -> Path | None:
@@ -377,7 +411,8 @@ def _clip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
     """Unscale (fp16) and clip the gradients; returns their norm before clipping."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    return torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()   # FSDP2: a DTensor
 
 
 def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -395,7 +430,8 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
           tokens_per_batch: Callable[[Batch], int] | None = None,
           save_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
           checkpoint_extra: dict[str, Any] | None = None, last_extra: dict[str, Any] | None = None,
-          on_checkpoint: Callable[[str, Path], None] | None = None) -> TrainResult:
+          on_checkpoint: Callable[[str, Path], None] | None = None,
+          parallel: Parallel | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps, writing ``last.safetensors`` and
     ``best.safetensors`` into ``out_dir``.
 
@@ -403,36 +439,41 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     with an equal ``run_config`` up to ``max_steps`` (so a finished run given more steps continues).
     ``save_state`` picks the weights a checkpoint holds (default: the whole model; LoRA saves only the
     adapter). ``checkpoint_extra`` goes into both checkpoints, ``last_extra`` (e.g. a tracking run id)
-    into ``last`` only.
+    into ``last`` only. ``parallel`` (from :func:`minilm.distributed.init`) shares each step among
+    torchrun's ranks: ``data.batch(step, m)`` must serve ``m < grad_accum * world``; rank 0 alone writes
+    checkpoints and logs (pass ``logger`` on rank 0 only).
     """
-    out_dir = check_writable(out_dir)   # a read-only directory fails now, not at the first checkpoint
+    par = parallel or SINGLE
+    out_dir = check_writable(out_dir) if par.is_main else Path(out_dir)   # fails now, not at a checkpoint
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model.train()
+    net = par.wrap(model)         # forward/backward go through it; FSDP2 shards ``model`` in place
     optimizer = build_optimizer(model, cfg, device)
     ckpts = _Checkpoints(out_dir, model, optimizer, EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
                          torch.amp.GradScaler("cuda") if precision == "fp16" else None,
                          json.loads(json.dumps(run_config or {})), save_state or ckpt_io.model_state,
-                         dict(checkpoint_extra or {}), dict(last_extra or {}), precision, on_checkpoint)
-    for path in (ckpts.last, ckpts.best, ckpts.stable):     # what a run killed while saving left beside them
+                         dict(checkpoint_extra or {}), dict(last_extra or {}), precision, on_checkpoint, par)
+    for path in (ckpts.last, ckpts.best, ckpts.stable) if par.is_main else ():   # left by a killed save
         remove_stale_temps(path)
     torch.manual_seed(cfg.seed)
     state = (ckpts.restore(cfg) if resume else None) or TrainState()
-    resumed_from, meter = state.step, _Meter(state, logger, tokens_per_batch)
+    resumed_from, meter = state.step, _Meter(state, logger, tokens_per_batch, par)
     loss_fn = torch.compile(token_loss_sum) if cfg.compile else token_loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
     swap_ema = ckpts.ema is not None and cfg.ema_for_eval
-    bar, t_start, interrupted = _Progress(progress, state.step, cfg.max_steps), time.perf_counter(), False
-    with _StopFlag() as stop:
+    bar, t_start, interrupted = (_Progress(progress and par.is_main, state.step, cfg.max_steps),
+                                 time.perf_counter(), False)
+    with _StopFlag() as stop, par.guard(lambda: state.step):
         while state.step < cfg.max_steps:
             lr = lr_at(state.step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            micro = [_unpack(data.batch(state.step, m), device) for m in range(cfg.grad_accum)]
-            loss = accumulate_gradients(model, micro, device=device, precision=precision, scaler=ckpts.scaler,
-                                        loss_fn=loss_fn).item()
+            micro = [_unpack(data.batch(state.step, m), device) for m in par.micro_indices(cfg.grad_accum)]
+            loss, stopping = _gradients(net, micro, par, device=device, precision=precision,
+                                        scaler=ckpts.scaler, loss_fn=loss_fn, stop=stop.signum is not None)
             norm = _clip(optimizer, ckpts.scaler, params, cfg.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(norm)) and ckpts.scaler is None:
                 optimizer.zero_grad(set_to_none=True)
@@ -457,19 +498,28 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             if step == decay_start(cfg) and not final:   # WSD's branch point for a longer run
                 ckpts.save_last(state, cfg, kind="stable")
             save_due = (step % cfg.save_every == 0) if cfg.save_every else ("val_loss" in row)
-            if save_due or final or stop.signum is not None:
+            if save_due or final or stopping:
                 ckpts.save_last(state, cfg)
             bar.update(step, row)
-            if stop.signum is not None:
+            if stopping:
                 interrupted = True
                 break
-    bar.close()
-    if not ckpts.best.exists() and ckpts.last.exists() and not interrupted:
-        ckpts.save_best(state, swap_ema)
+        bar.close()
+        if par.from_main(lambda: not ckpts.best.exists() and ckpts.last.exists()) and not interrupted:
+            ckpts.save_best(state, swap_ema)
     return TrainResult(step=state.step, best_val_loss=state.best_val, last_val_loss=state.last_val,
                        history=state.history, throughput=state.throughput, resumed_from=resumed_from,
                        skipped_steps=state.skipped, interrupted=interrupted,
                        seconds=time.perf_counter() - t_start)
+
+
+def _gradients(net: nn.Module, micro: list, par: Parallel, *, stop: bool, **kw: Any) -> tuple[float, bool]:
+    """One step's backward over this rank's micro-batches: the global batch's mean token loss, and
+    whether any rank was asked to stop (SIGINT/SIGTERM), decided by all ranks together."""
+    n_targets = int(par.sum([count_targets(micro)])[0])
+    loss = accumulate_gradients(net, micro, n_targets=n_targets, no_sync=par.no_sync(net), **kw).item()
+    loss, stops = par.sum([loss, float(stop)])
+    return loss, stops > 0
 
 
 class _Meter:
@@ -480,8 +530,8 @@ class _Meter:
     loses its metric buffer, and a resumable logger skips the steps it already has."""
 
     def __init__(self, state: TrainState, logger: MetricsLogger | None,
-                 tokens_per_batch: Callable[[Batch], int] | None) -> None:
-        self.state, self.logger, self.count = state, logger, tokens_per_batch
+                 tokens_per_batch: Callable[[Batch], int] | None, par: Parallel = SINGLE) -> None:
+        self.state, self.logger, self.count, self.par = state, logger, tokens_per_batch, par
         self.tokens, self.t0 = 0, time.perf_counter()
         if logger is not None:
             for row in _merged_rows(state.history, state.throughput):
@@ -495,7 +545,8 @@ class _Meter:
     def train_row(self, lr: float, grad_norm: float) -> dict[str, float]:
         s, dt = self.state, time.perf_counter() - self.t0
         row = {"train_loss": s.window_loss / s.window_n, "lr": lr, "grad_norm": grad_norm}
-        s.throughput.append({"step": s.step, "tokens_per_sec": self.tokens / max(dt, 1e-9)})
+        tokens, dt = self.par.sum([self.tokens, dt])      # every rank's tokens; the mean rank's time
+        s.throughput.append({"step": s.step, "tokens_per_sec": tokens / max(dt / self.par.world, 1e-9)})
         s.window_loss, s.window_n, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
         return row
 

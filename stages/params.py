@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, DecodePrecision, ExportConfig, LoRAConfig,
                            ModelConfig, Precision, PretrainConfig, SampleConfig, SFTConfig, TokenizerConfig)
+from minilm.config import DistributedConfig
 from minilm.errors import ConfigError
 from minilm.schema import build, load_yaml, suggest
 
@@ -87,6 +88,7 @@ def _sections() -> dict[str, type]:
         "pretrain": PretrainConfig,
         "lora": LoRAConfig,
         "sft": SFTConfig,
+        "distributed": DistributedConfig,
         "evaluate": EvaluateConfig,
         "generate": GenerateConfig,
         "export": ExportConfig,
@@ -109,6 +111,7 @@ class Params:
     generate: GenerateConfig
     export: ExportConfig
     serve: ServeConfig
+    distributed: DistributedConfig
     raw: dict[str, Any]
     path: Path
 

@@ -4,11 +4,13 @@ Writes out/pretrain/{last,best}.safetensors, metrics.json, history.csv, loss.png
 throughput go to the run record out/runs/pretrain.json and MLflow. If `last` was written with the same params
 and code, training resumes from it (continuing the same MLflow run); raising only `max_steps` continues a
 finished run (with `schedule: wsd`, from its stable-phase checkpoint, exactly as a longer run would); any
-other change starts afresh. SIGINT/SIGTERM save `last` before exiting.
+other change starts afresh. SIGINT/SIGTERM save `last` before exiting. With `distributed.nproc_per_node`
+above 1 (or started by torchrun) the ranks share each step and rank 0 alone writes and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -20,18 +22,21 @@ from minilm.errors import CheckpointError, TrainingError, run_main
 from minilm.evaluation import lm_metrics, target_counts
 from minilm.fileio import write_json
 from minilm.model import GPT
-from minilm.precision import resolve_device
 from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
 from .common import ENCODED, PRETRAIN, setup, stage_run, tokenizer_path
-from .training import resume_run_id, stage_fingerprint, stop_if_interrupted, timings, write_curves
+from .training import (global_config, rank_tags, resume_run_id, stage_fingerprint, start_ranks,
+                       stop_if_interrupted, timings, write_curves)
 
-PARAMS = ["model", "pretrain", "project.device"]     # what dvc.yaml lists (progress and mlflow: display only)
+PARAMS = ["model", "pretrain", "distributed", "project.device"]   # dvc.yaml's (progress, mlflow: display)
 
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("pretrain", __doc__, argv)
+    par = start_ranks("pretrain", params, argv)
+    if par is None:             # this process ran the stage as torchrun's ranks
+        return
     tok = load_tokenizer(tokenizer_path())
     meta = read_meta(ENCODED)
     if meta["vocab_size"] != tok.vocab_size or meta["tokenizer_hash"] != tok.hash:
@@ -42,33 +47,40 @@ def main(argv: list[str] | None = None) -> None:
     data = LMBatches(load_tokens(ENCODED / "train.bin"), cfg.batch_size, T, seed=cfg.seed)
     evals = LMBatches(load_tokens(ENCODED / "val.bin"), cfg.batch_size, T, seed=cfg.seed)
     eval_batches = evals.eval_batches(cfg.eval_batches, seed=cfg.seed)
-    device = resolve_device(params.project.device)
+    device = par.device
     import torch
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
     init_sha = initial_weights(model, cfg.init_from, tok.hash)
     model.to(device)
-    run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(cfg), "tokenizer_sha256": tok.hash,
-                  "data_sha256": meta.get("source_sha256"), "init_sha256": init_sha,
+    run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(global_config(cfg, par)),
+                  "tokenizer_sha256": tok.hash, "data_sha256": meta.get("source_sha256"), "init_sha256": init_sha,
                   "code_sha256": stage_fingerprint("pretrain")}
     resume_id = resume_run_id(PRETRAIN, run_config, cfg)
     n_params = model.num_parameters()
     facts: dict = {}
-    with stage_run("pretrain", params, ["model", "pretrain", "project"], out_dir=PRETRAIN,
-                   inputs={"encoded": ENCODED / "meta.json", "tokenizer": tokenizer_path()},
-                   resume_run_id=resume_id, tags={"minilm.parameters": n_params}, facts=facts,
-                   parent_metrics=["train_loss", "val_loss", "final_best_val_loss",
-                                   "final_best_val_bits_per_byte"]) as run:
-        print(f"pretrain: {n_params / 1e6:.2f}M parameters"
-              + (f" from {cfg.init_from}" if cfg.init_from else "")
-              + f", {cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum}x{T} tokens on {device}"
-              + (f" (resuming run {resume_id})" if resume_id else ""))
+    ctx = (stage_run("pretrain", params, ["model", "pretrain", "distributed", "project"], out_dir=PRETRAIN,
+                     inputs={"encoded": ENCODED / "meta.json", "tokenizer": tokenizer_path()},
+                     resume_run_id=resume_id, tags={"minilm.parameters": n_params, **rank_tags(par)},
+                     facts=facts, parent_metrics=["train_loss", "val_loss", "final_best_val_loss",
+                                                  "final_best_val_bits_per_byte"])
+           if par.is_main else contextlib.nullcontext())     # rank 0 alone logs and writes
+    with ctx as run:
+        if par.is_main:
+            print(f"pretrain: {n_params / 1e6:.2f}M parameters"
+                  + (f" from {cfg.init_from}" if cfg.init_from else "")
+                  + f", {cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum * par.world}x{T} tokens "
+                  f"on {device}" + (f" x {par.world} processes" if par.active else "")
+                  + (f" (resuming run {resume_id})" if resume_id else ""))
         result = train(model, data, cfg, out_dir=PRETRAIN, eval_batches=eval_batches, logger=run,
-                       run_config=run_config, progress=params.project.progress,
+                       run_config=run_config, progress=params.project.progress, parallel=par,
                        checkpoint_extra={"tokenizer_sha256": tok.hash,
                                          **({"init_sha256": init_sha} if init_sha else {})},
-                       last_extra={"mlflow_run_id": run.run_id})
+                       last_extra={"mlflow_run_id": run.run_id} if run else {})
+        par.close()
         stop_if_interrupted("pretrain", result)
+        if run is None:
+            return
         write_curves(result.history, PRETRAIN, "pretrain loss")
         tokens, n_bytes = target_counts(eval_batches, tok.token_bytes())
         val = lm_metrics(result.best_val_loss, tokens=tokens, n_bytes=n_bytes)

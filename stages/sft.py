@@ -4,11 +4,14 @@
 (out/sft/tuned/adapter_model.safetensors + adapter_config.json); `full` trains every weight and writes
 out/sft/tuned/model.safetensors. The pairs are rendered through `sft.template`, and the loss covers only
 the response tokens plus EOS (unless `sft.response_only: false`). Also writes `last`/`best` checkpoints
-(resumed like pretrain), metrics.json, history.csv and loss.png.
+(resumed like pretrain), metrics.json, history.csv and loss.png. With `distributed.nproc_per_node` above 1
+(or started by torchrun) the ranks share each step (under FSDP the frozen base is sharded too) and rank 0
+alone writes and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -22,21 +25,24 @@ from minilm.fileio import sha256_file, write_json
 from minilm.pairs import read_pairs
 from minilm.lora import inject_lora, lora_state, mark_only_lora_trainable, trainable_report
 from minilm.model import GPT
-from minilm.precision import resolve_device
 from minilm.sft import SFTBatches, encode_pairs, eval_batches
 from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
 from .common import FULL_WEIGHTS, PRETRAIN, SFT, SFT_TRAIN, SFT_VAL, TUNED, setup, stage_run, tokenizer_path
-from .training import resume_run_id, stage_fingerprint, stop_if_interrupted, timings, write_curves
+from .training import (global_config, rank_tags, resume_run_id, stage_fingerprint, start_ranks,
+                       stop_if_interrupted, timings, write_curves)
 
-PARAMS = ["model", "lora", "sft", "project.device"]   # model: the base must match it
+PARAMS = ["model", "lora", "sft", "distributed", "project.device"]   # model: the base must match it
 
 BASE = PRETRAIN / "best.safetensors"
 
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("sft", __doc__, argv)
+    par = start_ranks("sft", params, argv)
+    if par is None:             # this process ran the stage as torchrun's ranks
+        return
     cfg, lora_cfg = params.sft, params.lora
     tok = load_tokenizer(tokenizer_path())
     base = load_checkpoint(BASE)
@@ -46,33 +52,42 @@ def main(argv: list[str] | None = None) -> None:
     ctx = base.model_config.context_length
     train_set = encode_pairs(read_pairs(SFT_TRAIN), tok, cfg, ctx)
     val_set = encode_pairs(read_pairs(SFT_VAL), tok, cfg, ctx)
-    run_config = {"sft": to_dict(cfg), "base_sha256": base_sha, "tokenizer_sha256": tok.hash,
+    run_config = {"sft": to_dict(global_config(cfg, par)), "base_sha256": base_sha, "tokenizer_sha256": tok.hash,
                   "train_sha256": sha256_file(SFT_TRAIN), "code_sha256": stage_fingerprint("sft"),
                   **({"lora": to_dict(lora_cfg)} if cfg.method == "lora" else {})}
     resume_id = resume_run_id(SFT, run_config, cfg)
 
-    device = resolve_device(params.project.device)
     torch.manual_seed(cfg.seed)
     model, what = tuned_model(base, cfg.method, lora_cfg)
-    model.to(device)
+    model.to(par.device)
     report = trainable_report(model)
-    data = SFTBatches(train_set, cfg.batch_size, cfg.seed, tok.pad_id, grad_accum=cfg.grad_accum)
+    # the step's global batch is grad_accum x world micro-batches of one stream, rank r drawing its share
+    data = SFTBatches(train_set, cfg.batch_size, cfg.seed, tok.pad_id, grad_accum=cfg.grad_accum * par.world)
     evals = eval_batches(val_set, cfg.batch_size, tok.pad_id)[: cfg.eval_batches]
     facts: dict = {}
-    with stage_run("sft", params, ["model", "lora", "sft", "project"], out_dir=SFT, resume_run_id=resume_id,
-                   inputs={"base_model": BASE, "tokenizer": tokenizer_path(), "sft_train": SFT_TRAIN,
-                           "sft_val": SFT_VAL}, facts=facts, tags={"minilm.sft_method": cfg.method},
-                   parent_metrics=["train_loss", "val_loss", "final_best_val_response_loss"]) as run:
-        print(f"sft: {what}: {report['trainable']:,} trainable of {report['total']:,} parameters "
-              f"({100 * report['share']:.2f}%); {len(train_set)} pairs ({train_set.truncated} truncated, "
-              f"{train_set.dropped} dropped)")
+    ctx = (stage_run("sft", params, ["model", "lora", "sft", "distributed", "project"], out_dir=SFT,
+                     resume_run_id=resume_id, inputs={"base_model": BASE, "tokenizer": tokenizer_path(),
+                                                      "sft_train": SFT_TRAIN, "sft_val": SFT_VAL},
+                     facts=facts, tags={"minilm.sft_method": cfg.method, **rank_tags(par)},
+                     parent_metrics=["train_loss", "val_loss", "final_best_val_response_loss"])
+           if par.is_main else contextlib.nullcontext())     # rank 0 alone logs and writes
+    with ctx as run:
+        if par.is_main:
+            print(f"sft: {what}: {report['trainable']:,} trainable of {report['total']:,} parameters "
+                  f"({100 * report['share']:.2f}%); {len(train_set)} pairs ({train_set.truncated} truncated, "
+                  f"{train_set.dropped} dropped)" + (f" x {par.world} processes" if par.active else ""))
         result = train(model, data, cfg, out_dir=SFT, eval_batches=evals, logger=run,
-                       run_config=run_config, progress=params.project.progress,
+                       run_config=run_config, progress=params.project.progress, parallel=par,
                        save_state=lora_state if cfg.method == "lora" else None,
                        tokens_per_batch=data.tokens_per_batch,
                        checkpoint_extra={"base_sha256": base_sha, "tokenizer_sha256": tok.hash},
-                       last_extra={"mlflow_run_id": run.run_id})
+                       last_extra={"mlflow_run_id": run.run_id} if run else {})
+        par.close()
         stop_if_interrupted("sft", result)
+        if run is None:
+            return
+        if par.sharded:             # FSDP sharded the model in place: the best weights go into a plain one
+            model, _ = tuned_model(base, cfg.method, lora_cfg)
         best = load_checkpoint(SFT / "best.safetensors")
         if cfg.method == "full":
             load_model_state(model, best.model_state)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 from minilm.checkpoint import read_meta
 from minilm.config import TrainConfig
+from minilm.distributed import Parallel, init, under_torchrun
 from minilm.train import TrainResult, resume_point
 
 from .deps import code_fingerprint
@@ -52,3 +55,28 @@ def stop_if_interrupted(stage: str, result: TrainResult) -> None:
         print(f"{stage}: interrupted at step {result.step}; `last` saved - rerun the stage (or "
               "`dvc repro`) to continue", flush=True)
         raise KeyboardInterrupt
+
+
+def start_ranks(stage: str, params: Any, argv: list[str] | None) -> Parallel | None:
+    """This process's place among the training ranks (:func:`minilm.distributed.init`: one process, or
+    a rank torchrun started). None when params ask for ``distributed.nproc_per_node`` > 1 outside
+    torchrun: this process then ran the stage as that many ranks (:mod:`stages.launch`), which are done."""
+    cfg = params.distributed
+    if cfg.nproc_per_node > 1 and not under_torchrun():
+        from .launch import run_under_torchrun
+
+        run_under_torchrun(stage, ["-m", f"stages.{stage}", *(sys.argv[1:] if argv is None else argv)], cfg)
+        return None
+    return init(cfg, params.project.device)
+
+
+def global_config(cfg: TrainConfig, par: Parallel) -> TrainConfig:
+    """``cfg`` as checkpoints record it: ``grad_accum`` counts the micro-batches of a step over all ranks,
+    so ``last`` resumes at another world size with the same global batch (2 ranks x accumulation 1 =
+    1 rank x accumulation 2) and no other (the global batch would change mid-run)."""
+    return dataclasses.replace(cfg, grad_accum=cfg.grad_accum * par.world)
+
+
+def rank_tags(par: Parallel) -> dict[str, Any]:
+    """MLflow tags of a training run: how many processes shared it, and how."""
+    return {"minilm.world_size": par.world, "minilm.strategy": par.strategy if par.active else "none"}
