@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "tests" / "distkit.py"
@@ -141,3 +142,42 @@ def test_a_killed_rank_stops_the_others_with_one_line_and_a_rerun_resumes(tmp_pa
     assert all(line.startswith("error:") for line in lines), lines          # nothing but those lines
     rerun = run_case("pretrain-ddp:k", tmp_path, grad_accum=2)              # same global batch, 1 rank
     assert (rerun.resumed_from, rerun.step) == (4, 8)
+
+
+def test_the_pretrain_stage_runs_itself_as_two_ranks_and_resumes(tmp_path):
+    """`distributed.nproc_per_node: 2` makes `python -m stages.pretrain` (the DVC stage's cmd) run as 2
+    ranks: one MLflow run, rank 0's outputs; raising max_steps then continues the finished run."""
+    from test_pipeline import TINY, make_repo, merge, mlflow_runs, sh
+
+    from minilm.config import TokenizerConfig
+    from minilm.data import encode_corpus
+    from minilm.tokenizer import train_tokenizer
+
+    over = {"tokenizer": {"kind": "char"}, "distributed": {"nproc_per_node": 2, "timeout_s": 30},
+            "pretrain": {"max_steps": 8, "batch_size": 4, "eval_every": 4, "log_every": 2}}
+    repo = make_repo(tmp_path / "repo", merge(TINY, over))
+    corpus = repo / "data" / "corpus.txt"
+    corpus.parent.mkdir()
+    corpus.write_text((ROOT / "README.md").read_text() * 2)
+    tok = train_tokenizer(corpus, repo / "out" / "tokenizer" / "tokenizer.json", TokenizerConfig(kind="char"))
+    encode_corpus(corpus, tok, repo / "out" / "encoded", val_fraction=0.05, progress=False)
+    proc = sh(repo, sys.executable, "-m", "stages.pretrain")
+    assert "running 2 processes under torchrun" in proc.stdout and "x 2 processes" in proc.stdout
+    assert proc.stdout.count("pretrain: best val loss") == 1          # rank 0 alone reports
+    for name in ("best.safetensors", "metrics.json", "history.csv", "loss.png"):
+        assert (repo / "out" / "pretrain" / name).exists()
+    client, runs = mlflow_runs(repo)
+    stage_runs = [r for r in runs if r.data.tags.get("dvc.stage") == "pretrain"]
+    assert len(stage_runs) == 1
+    run = stage_runs[0]
+    assert run.data.tags["minilm.world_size"] == "2" and run.data.tags["minilm.strategy"] == "ddp"
+    assert run.data.params["distributed.nproc_per_node"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4, 6, 8]
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pretrain"]["max_steps"] = 12
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, sys.executable, "-m", "stages.pretrain")
+    record = json.loads((repo / "out" / "runs" / "pretrain.json").read_text())
+    assert record["resumed_from_step"] == 8 and record["run_id"] == run.info.run_id   # the same run
+    assert json.loads((repo / "out" / "pretrain" / "metrics.json").read_text())["steps"] == 12
