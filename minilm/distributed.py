@@ -119,6 +119,16 @@ class Parallel:
         """A context that skips DDP's gradient sync on all but an accumulated step's last backward."""
         return getattr(net, "no_sync", None) if self.active and self.strategy == "ddp" else None
 
+    def reshard(self, model: nn.Module) -> None:
+        """Put FSDP2's sharded parameters back after a forward without backward (evaluation leaves the
+        root's gathered), so the model's parameters are its shards again (EMA swaps, checkpoints)."""
+        if self.sharded:
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
     def full_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with every DTensor shard gathered into its whole tensor (a collective under FSDP2)."""
         if not self.sharded:

@@ -489,7 +489,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             row = meter.train_row(lr, norm) if step % cfg.log_every == 0 or final else {}
             if step % cfg.eval_every == 0 or final:
                 row["val_loss"] = state.last_val = _run_eval(model, eval_batches, device, precision, loss_fn,
-                                                             ckpts.ema if swap_ema else None)
+                                                             ckpts.ema if swap_ema else None, par)
                 improved = math.isfinite(state.last_val) and state.last_val < state.best_val
                 if improved or not eval_batches:
                     state.best_val = state.last_val if improved else state.best_val
@@ -560,11 +560,13 @@ class _Meter:
 
 
 def _run_eval(model: nn.Module, batches: Sequence[Batch], device: torch.device, precision: str,
-              loss_fn: LossFn, ema: EMA | None) -> float:
+              loss_fn: LossFn, ema: EMA | None, par: Parallel = SINGLE) -> float:
     if not batches:
         return math.nan
     with (ema.swapped(model) if ema is not None else contextlib.nullcontext()):
-        return evaluate_loss(model, batches, device=device, precision=precision, loss_fn=loss_fn)
+        loss = evaluate_loss(model, batches, device=device, precision=precision, loss_fn=loss_fn)
+        par.reshard(model)            # before the EMA swap is undone
+        return loss
 
 
 def _merged_rows(history: list[dict[str, float]], throughput: list[dict[str, float]]) -> list[dict[str, float]]:

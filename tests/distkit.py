@@ -9,6 +9,7 @@ saw (history, step, whether it was interrupted) to ``WORKDIR/<case>.w<world>.r<r
 Cases: ``<kind>-<strategy>`` with kind ``pretrain`` (a 2-layer GPT on random tokens) or ``lora`` (LoRA
 SFT of that GPT on synthetic masked pairs), strategy ``ddp`` or ``fsdp``; a ``+stop@N`` suffix sends this
 rank SIGTERM (rank 1 only, under torchrun) while step N's batch is drawn; ``+kill@N`` SIGKILLs rank 1 there;
+``+ema`` trains with an EMA of the weights (evaluated and saved as ``best``);
 a ``:TAG`` suffix names the case's directory (default: the case without its suffixes).
 """
 
@@ -92,6 +93,8 @@ def run_case(case: str, workdir: Path, par: Parallel | None = None, **cfg_over) 
     name, _, trigger = case.partition("+")
     kind, strategy = name.split("-")
     name = tag or name
+    if trigger == "ema":
+        cfg_over, trigger = {"ema_decay": 0.9, **cfg_over}, ""
     cfg = dataclasses.replace(CFG, **cfg_over)
     model, data, evals, save_state = build(kind, cfg, par.world)
     if trigger and (par.rank == 1 or not par.active):

@@ -34,7 +34,7 @@ from distkit import run_case  # noqa: E402
 
 from minilm.checkpoint import load_checkpoint  # noqa: E402
 
-TWO_RANKS = ["pretrain-ddp", "pretrain-fsdp", "lora-ddp", "lora-fsdp",
+TWO_RANKS = ["pretrain-ddp", "pretrain-fsdp", "lora-ddp", "lora-fsdp", "pretrain-fsdp+ema:ema",
              "pretrain-fsdp:r12",                  # continues a 1-process run at 2 ranks
              "pretrain-ddp+stop@3:r21", "lora-fsdp+stop@3:r21lora"]   # stop at 4, continued by 1
 
@@ -62,6 +62,7 @@ def runs(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     for kind in ("pretrain", "lora"):          # one process, the same global batch (2 x 1 = 1 x 2)
         run_case(f"{kind}-ddp:ref-{kind}", work, grad_accum=2)
+    run_case("pretrain-ddp+ema:ref-ema", work, grad_accum=2)
     stopped = run_case("pretrain-fsdp+stop@3:r12", work, grad_accum=2)
     assert stopped.interrupted and stopped.step == 4
     proc = torchrun(work, *TWO_RANKS)
@@ -90,6 +91,14 @@ def assert_same_run(work: Path, name: str, ref: str, world: int | None = None) -
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs, case):
     assert_same_run(runs, case, "ref-" + case.split("-")[0])
     assert result(runs, case, 1)["history"] == result(runs, case, 0)["history"]   # the ranks agree
+
+
+def test_ema_under_fsdp_equals_one_rank(runs):
+    assert_same_run(runs, "ema", "ref-ema")
+    a, b = (load_checkpoint(runs / name / "last.safetensors") for name in ("ref-ema", "ema"))
+    assert max((a.ema_state[k] - b.ema_state[k]).abs().max().item() for k in a.ema_state) <= 1e-5
+    a, b = (load_checkpoint(runs / name / "best.safetensors") for name in ("ref-ema", "ema"))
+    assert max((a.model_state[k] - b.model_state[k]).abs().max().item() for k in a.model_state) <= 1e-5
 
 
 def test_only_rank_0_writes(runs):
