@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     init_sha = initial_weights(model, cfg.init_from, tok.hash)
     model.to(device)
     run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(global_config(cfg, par)),
-                  "tokenizer_sha256": tok.hash, "data_sha256": meta.get("source_sha256"), "init_sha256": init_sha,
-                  "code_sha256": stage_fingerprint("pretrain")}
+                  "tokenizer_sha256": tok.hash, "data_sha256": meta.get("source_sha256"),
+                  "init_sha256": init_sha, "code_sha256": stage_fingerprint("pretrain")}
     resume_id = resume_run_id(PRETRAIN, run_config, cfg)
     n_params = model.num_parameters()
     facts: dict = {}

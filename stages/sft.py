@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     ctx = base.model_config.context_length
     train_set = encode_pairs(read_pairs(SFT_TRAIN), tok, cfg, ctx)
     val_set = encode_pairs(read_pairs(SFT_VAL), tok, cfg, ctx)
-    run_config = {"sft": to_dict(global_config(cfg, par)), "base_sha256": base_sha, "tokenizer_sha256": tok.hash,
-                  "train_sha256": sha256_file(SFT_TRAIN), "code_sha256": stage_fingerprint("sft"),
+    run_config = {"sft": to_dict(global_config(cfg, par)), "base_sha256": base_sha,
+                  "tokenizer_sha256": tok.hash, "train_sha256": sha256_file(SFT_TRAIN), "code_sha256": stage_fingerprint("sft"),
                   **({"lora": to_dict(lora_cfg)} if cfg.method == "lora" else {})}
     resume_id = resume_run_id(SFT, run_config, cfg)
 
