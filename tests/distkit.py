@@ -9,7 +9,8 @@ saw (history, step, whether it was interrupted) to ``WORKDIR/<case>.w<world>.r<r
 Cases: ``<kind>-<strategy>`` with kind ``pretrain`` (a 2-layer GPT on random tokens) or ``lora`` (LoRA
 SFT of that GPT on synthetic masked pairs), strategy ``ddp`` or ``fsdp``; a ``+stop@N`` suffix sends this
 rank SIGTERM (rank 1 only, under torchrun) while step N's batch is drawn; ``+kill@N`` SIGKILLs rank 1 there;
-``+ema`` trains with an EMA of the weights (evaluated and saved as ``best``);
+``+ema`` trains with an EMA of the weights (evaluated and saved as ``best``); ``+nan@N`` makes that rank's
+logits infinite in step N's forward (with ``nonfinite: skip``);
 a ``:TAG`` suffix names the case's directory (default: the case without its suffixes).
 """
 
@@ -56,6 +57,25 @@ class Trigger:
         return self.data.batch(step, micro)
 
 
+class Poison(Trigger):
+    """Makes the model's logits infinite in the forward of step ``at`` (on the rank it is given to)."""
+
+    def __init__(self, data, at: int, model: torch.nn.Module) -> None:
+        super().__init__(data, at, 0)
+        self.armed = False
+        model.lm_head.register_forward_hook(self._hook)
+
+    def batch(self, step: int, micro: int = 0):
+        self.armed = self.armed or step == self.at
+        return self.data.batch(step, micro)
+
+    def _hook(self, module, inputs, output):
+        if self.armed and module.training:
+            self.armed = False
+            return output * float("inf")
+        return output
+
+
 def _examples(seed: int = 0, n: int = 40) -> SFTExamples:
     rng = np.random.default_rng(seed)
     ids, labels, prompts = [], [], []
@@ -95,11 +115,14 @@ def run_case(case: str, workdir: Path, par: Parallel | None = None, **cfg_over) 
     name = tag or name
     if trigger == "ema":
         cfg_over, trigger = {"ema_decay": 0.9, **cfg_over}, ""
+    if trigger.startswith("nan"):
+        cfg_over = {"nonfinite": "skip", **cfg_over}
     cfg = dataclasses.replace(CFG, **cfg_over)
     model, data, evals, save_state = build(kind, cfg, par.world)
     if trigger and (par.rank == 1 or not par.active):
         what, at = trigger.split("@")
-        data = Trigger(data, int(at), signal.SIGTERM if what == "stop" else signal.SIGKILL)
+        data = (Poison(data, int(at), model) if what == "nan" else
+                Trigger(data, int(at), signal.SIGTERM if what == "stop" else signal.SIGKILL))
     par = dataclasses.replace(par, strategy=strategy)
     out = workdir / (name if par.is_main else f"{name}.rank{par.rank}")
     result = train(model, data, cfg, out_dir=out, eval_batches=evals, progress=False,
@@ -107,7 +130,7 @@ def run_case(case: str, workdir: Path, par: Parallel | None = None, **cfg_over) 
                        cfg, grad_accum=cfg.grad_accum * par.world))},
                    save_state=save_state, parallel=par)
     record = {"history": result.history, "step": result.step, "interrupted": result.interrupted,
-              "resumed_from": result.resumed_from, "world": par.world}
+              "resumed_from": result.resumed_from, "world": par.world, "skipped": result.skipped_steps}
     if kind == "lora":        # the frozen base, gathered from the shards: unchanged by training?
         now = par.full_state(model.state_dict())
         torch.manual_seed(0)

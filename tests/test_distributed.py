@@ -35,6 +35,7 @@ from distkit import run_case  # noqa: E402
 from minilm.checkpoint import load_checkpoint  # noqa: E402
 
 TWO_RANKS = ["pretrain-ddp", "pretrain-fsdp", "lora-ddp", "lora-fsdp", "pretrain-fsdp+ema:ema",
+             "pretrain-fsdp+nan@3:nan",            # rank 1's step 4 is non-finite
              "pretrain-fsdp:r12",                  # continues a 1-process run at 2 ranks
              "pretrain-ddp+stop@3:r21", "lora-fsdp+stop@3:r21lora"]   # stop at 4, continued by 1
 
@@ -63,6 +64,7 @@ def runs(tmp_path_factory) -> Path:
     for kind in ("pretrain", "lora"):          # one process, the same global batch (2 x 1 = 1 x 2)
         run_case(f"{kind}-ddp:ref-{kind}", work, grad_accum=2)
     run_case("pretrain-ddp+ema:ref-ema", work, grad_accum=2)
+    run_case("pretrain-ddp+nan@3:ref-nan", work, grad_accum=2)
     stopped = run_case("pretrain-fsdp+stop@3:r12", work, grad_accum=2)
     assert stopped.interrupted and stopped.step == 4
     proc = torchrun(work, *TWO_RANKS)
@@ -99,6 +101,14 @@ def test_ema_under_fsdp_equals_one_rank(runs):
     assert max((a.ema_state[k] - b.ema_state[k]).abs().max().item() for k in a.ema_state) <= 1e-5
     a, b = (load_checkpoint(runs / name / "best.safetensors") for name in ("ref-ema", "ema"))
     assert max((a.model_state[k] - b.model_state[k]).abs().max().item() for k in a.model_state) <= 1e-5
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_by_all(runs):
+    seen = [result(runs, "nan", rank) for rank in (0, 1)]
+    assert [(r["skipped"], r["step"]) for r in seen] == [(1, 8), (1, 8)]
+    assert 4 not in [row["step"] for row in seen[0]["history"]]
+    assert seen[0]["history"] == seen[1]["history"]
+    assert_same_run(runs, "nan", "ref-nan")        # one process skips the same step
 
 
 def test_only_rank_0_writes(runs):
