@@ -14,6 +14,7 @@ with a message of its own (a one-line error, exit code 2) is not reported twice.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -33,6 +34,8 @@ def run_under_torchrun(stage: str, args: list[str], cfg: DistributedConfig) -> N
                           run_id=uuid.uuid4().hex, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
                           max_restarts=0, monitor_interval=0.1)
     n = cfg.nproc_per_node
+    if "OMP_NUM_THREADS" not in os.environ:    # torchrun's CLI sets 1; on CPU the cores are shared out
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     print(f"{stage}: running {n} processes under torchrun ({cfg.strategy}, backend {cfg.backend})",
           flush=True)
     try:
