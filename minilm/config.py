@@ -15,7 +15,7 @@ from typing import Literal
 from .errors import ConfigError
 from .schema import build, from_dict, load_yaml, positive as _positive, suggest, to_dict
 
-__all__ = ["ModelConfig", "TokenizerConfig", "TrainConfig", "SampleConfig", "LoRAConfig", "SFTConfig",
+__all__ = ["ModelConfig", "TokenizerConfig", "TrainConfig", "SampleConfig", "LoRAConfig", "SFTConfig", "DPOConfig",
            "DataConfig", "ExportConfig", "GGUFType", "Precision", "build", "from_dict", "to_dict", "load_yaml", "suggest"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]   # training (autocast) and decoding (weights)
@@ -304,6 +304,50 @@ class SFTConfig(TrainConfig):
 
     def prompt(self, instruction: str) -> str:
         return self.template.format(instruction=instruction)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Preference tuning (DPO) of a fine-tuned model with a fresh LoRA adapter: the training loop's
+    settings plus the preference loss and the adapter's shape (``lora_*``, as the ``lora`` section)."""
+
+    beta: float = 0.1                 # strength of the pull towards the reference model (higher = closer)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"   # DPO's -log sigmoid, or IPO's squared loss
+    label_smoothing: float = 0.0      # sigmoid: the share of pairs assumed mislabelled (cDPO); 0 = plain DPO
+    max_length: int = 0               # positions per sequence; 0 = the model's context_length
+    max_steps: int = 150
+    batch_size: int = 8               # pairs per micro-batch (2x sequences: chosen and rejected)
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 25
+    eval_batches: int = 10
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_MODULES))
+    lora_rslora: bool = False
+
+    def lora(self) -> "LoRAConfig":
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=list(self.lora_targets), rslora=self.lora_rslora)
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if not self.beta > 0:
+            p.append(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            p.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            p.append(f"label_smoothing applies to loss 'sigmoid' only, got loss {self.loss!r}")
+        if self.max_length < 0:
+            p.append(f"max_length must be >= 0 (0 = the model's context_length), got {self.max_length}")
+        if self.compile:
+            p.append("compile is not supported for DPO (two forward passes a step, one without the "
+                     "adapter); set it to false")
+        p += [f"lora_{q}" for q in self.lora().problems()]
+        return p
 
 
 def template_problems(template: str) -> list[str]:

@@ -13,9 +13,10 @@ Adapter files (PEFT's layout) are :mod:`minilm.adapter`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
         self.merged = False
+        self.disabled = False         # adapters_disabled(): the base layer alone (DPO's reference model)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -71,6 +73,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lora_A.weight.requires_grad:
                 raise RuntimeError("a merged LoRA layer cannot be trained (the adapter would get no "
@@ -164,6 +168,23 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter weights, under our names (use as ``save_state=`` of :func:`minilm.train.train`)."""
     return {k.replace("_orig_mod.", ""): v for k, v in unwrap_compiled(model).state_dict().items()
             if is_lora_key(k)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base, every adapter switched off (the weights stay where they are): DPO's
+    reference model without a second copy in memory. Merged adapters are folded into the weights and
+    cannot be switched off."""
+    layers = list(lora_layers(getattr(model, "module", model)).values())    # under DDP: the wrapped model
+    if any(layer.merged for layer in layers):
+        raise ValueError("a merged LoRA layer cannot be disabled; call unmerge_lora(model) first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def merge_lora(model: nn.Module) -> int:

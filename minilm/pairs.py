@@ -128,17 +128,22 @@ def _records_jsonl(fh) -> Iterator[tuple[str, Any]]:
             yield f"line {lineno}", f"line {lineno} is not valid JSON ({err.msg})"
 
 
-def _records_frame(df: "pd.DataFrame", path: Path, fields: tuple[str, str]) -> Iterator[tuple[str, Any]]:
+_SFT_KEYS = ("SFT data ", "data.sft", "data.instruction_field / data.response_field")
+
+
+def _records_frame(df: "pd.DataFrame", path: Path, fields: tuple[str, ...],
+                   keys: tuple[str, str, str] = _SFT_KEYS) -> Iterator[tuple[str, Any]]:
     missing = [f for f in fields if f not in df.columns]
     if missing:
         have = ", ".join(map(str, df.columns)) or "none"
-        raise DataError(f"{path} has no column {missing[0]!r} (columns: {have}); set "
-                        "data.instruction_field / data.response_field")
+        raise DataError(f"{path} has no column {missing[0]!r} (columns: {have}); set {keys[2]}")
     for i, row in enumerate(df[list(fields)].itertuples(index=False, name=None), 1):
         yield f"row {i}", dict(zip(fields, row))
 
 
-def _open_records(path: Path, fields: tuple[str, str], errors: str) -> Iterator[tuple[str, Any]]:
+def _open_records(path: Path, fields: tuple[str, ...], errors: str,
+                  keys: tuple[str, str, str] = _SFT_KEYS) -> Iterator[tuple[str, Any]]:
+    """(where, record) items of a pairs file; ``keys`` name the data and the params that fix it."""
     import pandas as pd
 
     ext = path.suffix.lower()
@@ -148,7 +153,7 @@ def _open_records(path: Path, fields: tuple[str, str], errors: str) -> Iterator[
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path} is not a readable Parquet file ({type(err).__name__}); "
                             "re-export it") from None
-        yield from _records_frame(df, path, fields)
+        yield from _records_frame(df, path, fields, keys)
         return
     try:
         with open(path, encoding="utf-8-sig", errors=errors, newline=None) as fh:
@@ -172,9 +177,9 @@ def _open_records(path: Path, fields: tuple[str, str], errors: str) -> Iterator[
                 except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
                     msg = str(err).strip().splitlines()[0] if str(err).strip() else "empty file"
                     raise DataError(f"{path} is not valid CSV ({msg}); fix the file") from None
-                yield from _records_frame(df, path, fields)
+                yield from _records_frame(df, path, fields, keys)
     except UnicodeDecodeError:
-        raise utf8_error(path, "SFT data ", "data.sft") from None
+        raise utf8_error(path, keys[0], keys[1]) from None
 
 
 def read_pairs(path: str | os.PathLike, instruction_field: str = "instruction",
@@ -305,3 +310,84 @@ def write_sft(cfg: DataConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     return {"source": source, "pairs": len(df), "train": len(train_idx), "val": len(val_idx),
             "duplicates_removed": total - len(df), "skipped": skipped, "nul_stripped": nul,
             "train_sha256": sha256_file(train_path), "val_sha256": sha256_file(val_path)}
+
+
+# --------------------------------------------------------------------------------------------------
+# preference pairs (DPO)
+
+_PREF_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def read_preferences(path: str | os.PathLike, prompt_field: str = "prompt", chosen_field: str = "chosen",
+                     rejected_field: str = "rejected", bad_records: str = "error", *,
+                     invalid_utf8: str = "error") -> "pd.DataFrame":
+    """Read preference pairs (TRL's layout: a prompt, a chosen and a rejected response) from
+    .jsonl/.json/.csv/.parquet; field names are configurable. Returns a DataFrame with columns ``prompt``,
+    ``chosen`` and ``rejected`` (stripped, non-empty). A record missing a field, with an empty one, or
+    whose chosen equals its rejected response is malformed: with ``bad_records="error"`` the first one
+    raises a :class:`DataError` naming it, with ``"skip"`` they are dropped and counted in
+    ``df.attrs["skipped"]``."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"preference data {path} not found; set preferences.source to an existing "
+                        f"{'/'.join(_PREF_SUFFIXES)} file, or to 'self'")
+    if path.suffix.lower() not in _PREF_SUFFIXES:
+        raise DataError(f"preference data {path}: unsupported file type {path.suffix or '(none)'!r}; use one "
+                        f"of {', '.join(_PREF_SUFFIXES)}")
+    if path.suffix.lower() != ".parquet":
+        f = sniff_text(path)
+        if f["junk"] >= JUNK_LIMIT * max(f["chars"], 1):
+            raise not_text_error(path, "preference data ", "preferences.source")
+    fields = (prompt_field, chosen_field, rejected_field)
+    rows, skipped = [], 0
+    errors = "strict" if invalid_utf8 == "error" else "replace"
+    keys = ("preference data ", "preferences.source",
+            "preferences.prompt_field / preferences.chosen_field / preferences.rejected_field")
+    for where, rec in _open_records(path, fields, errors, keys):
+        problem = _preference_problem(where, rec, fields)
+        if problem is None:
+            rows.append(tuple(_text(rec[name]) for name in fields))
+        elif bad_records == "skip":
+            skipped += 1
+        else:
+            raise DataError(f"{path}: {problem}; fix it or set preferences.bad_records: skip")
+    if not rows:
+        why = f" (all {skipped} records were malformed and skipped)" if skipped else ""
+        raise DataError(f"{path} holds no preference pairs{why}; add some or point preferences.source "
+                        "elsewhere")
+    df = pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
+    df.attrs["skipped"] = skipped
+    return df
+
+
+def _preference_problem(where: str, rec: Any, fields: tuple[str, str, str]) -> str | None:
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict):
+        return f"{where} is not a JSON object"
+    for name in fields:
+        if name not in rec:
+            keys = ", ".join(map(str, rec)) or "none"
+            return (f"{where} has no {name!r} field (fields: {keys}); set preferences.prompt_field / "
+                    "chosen_field / rejected_field")
+        if _text(rec[name]) is None:
+            return f"{where} has an empty or non-text {name!r}"
+    if _text(rec[fields[1]]) == _text(rec[fields[2]]):
+        return f"{where} has the same text as chosen and as rejected (nothing to prefer)"
+    return None
+
+
+def split_preferences(df: "pd.DataFrame", fraction: float, seed: int) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """Seeded (train, val) split of preference pairs; pairs sharing a prompt stay together."""
+    train_idx, val_idx = _split_by_instruction(df.rename(columns={"prompt": "instruction"}), fraction, seed)
+    return df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
+
+
+def write_preferences(path: str | os.PathLike, df: "pd.DataFrame") -> None:
+    """Preference pairs as JSONL (``prompt``, ``chosen``, ``rejected``), written atomically."""
+    with atomic_write(Path(path), "w") as fh:
+        for prompt, chosen, rejected in df[["prompt", "chosen", "rejected"]].itertuples(index=False, name=None):
+            fh.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected},
+                                ensure_ascii=False) + "\n")

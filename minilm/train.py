@@ -98,10 +98,13 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 
 def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.device,
-                  precision: str = "fp32", loss_fn: LossFn = token_loss_sum) -> float:
-    """Mean per-token loss over a fixed set of batches (targets of -100 are ignored)."""
+                  precision: str = "fp32", loss_fn: LossFn = token_loss_sum,
+                  count: Callable[[torch.Tensor], int] | None = None) -> float:
+    """Mean loss per counted unit over a fixed set of batches: per target token by default (targets
+    of -100 are ignored), per ``count(y)`` otherwise (an objective's units, e.g. DPO's pairs)."""
     was_training = model.training
     model.eval()
+    count_fn = count or _target_tokens
     total, count = 0.0, 0
     try:
         with torch.no_grad():
@@ -109,7 +112,7 @@ def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.d
                 x, y, kw = _unpack(b, device)
                 with autocast(device, precision):
                     total += loss_fn(model, x, y, kw).item()
-                count += int((y != -100).sum())
+                count += count_fn(y)
     finally:
         model.train(was_training)
     return total / max(count, 1)
@@ -141,8 +144,27 @@ def accumulate_gradients(model: nn.Module, micro: Sequence[tuple[torch.Tensor, t
     return loss_sum
 
 
-def count_targets(micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]]) -> int:
-    return sum(int((y != -100).sum()) for _, y, _ in micro)
+def _target_tokens(y: torch.Tensor) -> int:
+    return int((y != -100).sum())
+
+
+def count_targets(micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]],
+                  count: Callable[[torch.Tensor], int] | None = None) -> int:
+    """What the step's loss is divided by: target tokens, or an objective's units (``count(y)``)."""
+    return sum((count or _target_tokens)(y) for _, y, _ in micro)
+
+
+class Objective(Protocol):
+    """Another loss for the one loop (e.g. :class:`minilm.dpo.DPOObjective`): called like
+    :func:`token_loss_sum`, it returns the batch's summed loss, ``count(y)`` the units it summed over,
+    and ``metrics(training, reduce)`` the figures it gathered since last asked (``reduce`` sums a list over
+    data-parallel ranks), added to the logged train and validation rows."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor: ...
+
+    def count(self, y: torch.Tensor) -> int: ...
+
+    def metrics(self, training: bool, reduce: Callable[[list[float]], list[float]]) -> dict[str, float]: ...
 
 
 def _unpack(b: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -226,6 +248,7 @@ class _Checkpoints:
     precision: str
     on_checkpoint: Callable[[str, Path], None] | None = None
     par: Parallel = field(default_factory=Parallel)   # data parallel: every rank gathers, rank 0 writes
+    objective: Any = None                             # its figures since the last row travel in ``last``
 
     @property
     def last(self) -> Path:
@@ -244,6 +267,8 @@ class _Checkpoints:
         train_state = dict(state.to_meta(), ema_updates=self.ema.updates if self.ema else 0,
                            precision=self.precision, decay_start=decay_start(cfg),
                            max_steps=cfg.max_steps, world_size=self.par.world)
+        if self.objective is not None and hasattr(self.objective, "state_dict"):
+            train_state["objective"] = self.objective.state_dict()
         if self.scaler is not None:
             train_state["scaler"] = self.scaler.state_dict()
         extra = dict(self.extra, **self.last_extra, train_state=train_state, kind=kind)
@@ -292,6 +317,8 @@ class _Checkpoints:
                                      meta.get("ema_updates", 0))
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
+        if self.objective is not None and "objective" in meta:
+            self.objective.load_state_dict(meta["objective"])
         ckpt_io.restore_rng(ckpt.rng_state)
         return TrainState.from_meta(ckpt.step, meta)
 
@@ -431,7 +458,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
           save_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
           checkpoint_extra: dict[str, Any] | None = None, last_extra: dict[str, Any] | None = None,
           on_checkpoint: Callable[[str, Path], None] | None = None,
-          parallel: Parallel | None = None) -> TrainResult:
+          parallel: Parallel | None = None, objective: Objective | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps, writing ``last.safetensors`` and
     ``best.safetensors`` into ``out_dir``.
 
@@ -441,7 +468,8 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     adapter). ``checkpoint_extra`` goes into both checkpoints, ``last_extra`` (e.g. a tracking run id)
     into ``last`` only. ``parallel`` (from :func:`minilm.distributed.init`) shares each step among
     torchrun's ranks: ``data.batch(step, m)`` must serve ``m < grad_accum * world``; rank 0 alone writes
-    checkpoints and logs (pass ``logger`` on rank 0 only).
+    checkpoints and logs (pass ``logger`` on rank 0 only). ``objective`` (:class:`Objective`) replaces the
+    token cross-entropy, e.g. with DPO's loss; ``val_loss`` is then its held-out mean.
     """
     par = parallel or SINGLE
     out_dir = check_writable(out_dir) if par.is_main else Path(out_dir)   # fails now, not at a checkpoint
@@ -455,13 +483,15 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     ckpts = _Checkpoints(out_dir, model, optimizer, EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
                          torch.amp.GradScaler("cuda") if precision == "fp16" else None,
                          json.loads(json.dumps(run_config or {})), save_state or ckpt_io.model_state,
-                         dict(checkpoint_extra or {}), dict(last_extra or {}), precision, on_checkpoint, par)
+                         dict(checkpoint_extra or {}), dict(last_extra or {}), precision, on_checkpoint, par,
+                         objective)
     for path in (ckpts.last, ckpts.best, ckpts.stable) if par.is_main else ():   # left by a killed save
         remove_stale_temps(path)
     torch.manual_seed(cfg.seed)
     state = (ckpts.restore(cfg) if resume else None) or TrainState()
-    resumed_from, meter = state.step, _Meter(state, logger, tokens_per_batch, par)
-    loss_fn = torch.compile(token_loss_sum) if cfg.compile else token_loss_sum
+    resumed_from, meter = state.step, _Meter(state, logger, tokens_per_batch, par, objective)
+    loss_fn = objective or (torch.compile(token_loss_sum) if cfg.compile else token_loss_sum)
+    count = objective.count if objective is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     swap_ema = ckpts.ema is not None and cfg.ema_for_eval
     bar, t_start, interrupted = (_Progress(progress and par.is_main, state.step, cfg.max_steps),
@@ -472,7 +502,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             for g in optimizer.param_groups:
                 g["lr"] = lr
             micro = [_unpack(data.batch(state.step, m), device) for m in par.micro_indices(cfg.grad_accum)]
-            loss, stopping = _gradients(net, micro, par, device=device, precision=precision,
+            loss, stopping = _gradients(net, micro, par, device=device, precision=precision, count=count,
                                         scaler=ckpts.scaler, loss_fn=loss_fn, stop=stop.signum is not None)
             norm = _clip(optimizer, ckpts.scaler, params, cfg.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(norm)) and ckpts.scaler is None:
@@ -489,7 +519,8 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             row = meter.train_row(lr, norm) if step % cfg.log_every == 0 or final else {}
             if step % cfg.eval_every == 0 or final:
                 row["val_loss"] = state.last_val = _run_eval(model, eval_batches, device, precision, loss_fn,
-                                                             ckpts.ema if swap_ema else None, par)
+                                                             ckpts.ema if swap_ema else None, par, count)
+                row.update(objective.metrics(False, par.sum) if objective is not None else {})
                 improved = math.isfinite(state.last_val) and state.last_val < state.best_val
                 if improved or not eval_batches:
                     state.best_val = state.last_val if improved else state.best_val
@@ -513,10 +544,11 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
                        seconds=time.perf_counter() - t_start)
 
 
-def _gradients(net: nn.Module, micro: list, par: Parallel, *, stop: bool, **kw: Any) -> tuple[float, bool]:
+def _gradients(net: nn.Module, micro: list, par: Parallel, *, stop: bool,
+               count: Callable[[torch.Tensor], int] | None = None, **kw: Any) -> tuple[float, bool]:
     """One step's backward over this rank's micro-batches: the global batch's mean token loss, and
     whether any rank was asked to stop (SIGINT/SIGTERM), decided by all ranks together."""
-    n_targets = int(par.sum([count_targets(micro)])[0])
+    n_targets = int(par.sum([count_targets(micro, count)])[0])
     loss = accumulate_gradients(net, micro, n_targets=n_targets, no_sync=par.no_sync(net), **kw).item()
     loss, stops = par.sum([loss, float(stop)])
     return loss, stops > 0
@@ -530,8 +562,10 @@ class _Meter:
     loses its metric buffer, and a resumable logger skips the steps it already has."""
 
     def __init__(self, state: TrainState, logger: MetricsLogger | None,
-                 tokens_per_batch: Callable[[Batch], int] | None, par: Parallel = SINGLE) -> None:
+                 tokens_per_batch: Callable[[Batch], int] | None, par: Parallel = SINGLE,
+                 objective: Objective | None = None) -> None:
         self.state, self.logger, self.count, self.par = state, logger, tokens_per_batch, par
+        self.objective = objective
         self.tokens, self.t0 = 0, time.perf_counter()
         if logger is not None:
             for row in _merged_rows(state.history, state.throughput):
@@ -545,6 +579,8 @@ class _Meter:
     def train_row(self, lr: float, grad_norm: float) -> dict[str, float]:
         s, dt = self.state, time.perf_counter() - self.t0
         row = {"train_loss": s.window_loss / s.window_n, "lr": lr, "grad_norm": grad_norm}
+        if self.objective is not None:
+            row.update(self.objective.metrics(True, self.par.sum))
         tokens, dt = self.par.sum([self.tokens, dt])      # every rank's tokens; the mean rank's time
         s.throughput.append({"step": s.step, "tokens_per_sec": tokens / max(dt / self.par.world, 1e-9)})
         s.window_loss, s.window_n, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
@@ -560,11 +596,12 @@ class _Meter:
 
 
 def _run_eval(model: nn.Module, batches: Sequence[Batch], device: torch.device, precision: str,
-              loss_fn: LossFn, ema: EMA | None, par: Parallel = SINGLE) -> float:
+              loss_fn: LossFn, ema: EMA | None, par: Parallel = SINGLE,
+              count: Callable[[torch.Tensor], int] | None = None) -> float:
     if not batches:
         return math.nan
     with (ema.swapped(model) if ema is not None else contextlib.nullcontext()):
-        loss = evaluate_loss(model, batches, device=device, precision=precision, loss_fn=loss_fn)
+        loss = evaluate_loss(model, batches, device=device, precision=precision, loss_fn=loss_fn, count=count)
         par.reshard(model)            # before the EMA swap is undone
         return loss
 
