@@ -1,6 +1,6 @@
 """generate: samples for the prompts in params `generate` from the base model, and answers of the SFT
-(merged) model to the first `generate.sft_questions` held-out instructions (rendered with
-`sft.template`). Weights are cast to `generate.precision` (auto = bf16 where the hardware has it). Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
+(merged) model and of the DPO model, side by side, to the first `generate.sft_questions` held-out
+instructions (rendered with `sft.template`). Weights are cast to `generate.precision` (auto = bf16 where the hardware has it). Writes out/generate/samples.md (readable) and samples.jsonl, both logged to MLflow."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from minilm.precision import check_decode_precision, for_decoding, resolve_devic
 from minilm.sampling import generate
 from minilm.tokenizer import load_tokenizer
 
-from .common import GENERATE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
+from .common import DPO_MODEL, GENERATE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
 
 PARAMS = ["generate", "model", "sft", "project.device"]   # model: the checkpoints must match it
 
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(tokenizer_path())
     model_cfg = dataclasses.replace(params.model, vocab_size=tok.vocab_size)
     with stage_run("generate", params, ["generate", "model", "project", "sft"], out_dir=GENERATE,
-                   inputs={"base_model": base_path, "sft_model": MERGED, "tokenizer": tokenizer_path(),
-                           "sft_val": SFT_VAL}) as run:
+                   inputs={"base_model": base_path, "sft_model": MERGED, "dpo_model": DPO_MODEL,
+                           "tokenizer": tokenizer_path(), "sft_val": SFT_VAL}) as run:
         base, base_ckpt = load_model(base_path, device)
         check_compatible(base_ckpt, base_path, model_cfg, tokenizer_hash=tok.hash)
         for_decoding(base, cfg.precision, device)
@@ -47,12 +47,14 @@ def main(argv: list[str] | None = None) -> None:
             # an answer ends at EOS (no minimum length); a model that starts another turn is cut there
             marker = params.sft.template.split("{instruction}")[0].strip() or "###"
             answer_cfg = dataclasses.replace(sampling, stop=[*sampling.stop, marker], min_new_tokens=0)
-            sft_model, sft_ckpt = load_model(MERGED, device)
-            check_compatible(sft_ckpt, MERGED, model_cfg, tokenizer_hash=tok.hash)
-            for_decoding(sft_model, cfg.precision, device)
-            answers = generate(sft_model, tok, prompts, answer_cfg, device=device)
-            records += [{"model": "sft", "prompt": p, "completion": a.strip(), "reference": ref}
-                        for p, a, ref in zip(prompts, answers, pairs["response"])]
+            answers = {}
+            for name, path in (("sft", MERGED), ("dpo", DPO_MODEL)):
+                tuned, tuned_ckpt = load_model(path, device)
+                check_compatible(tuned_ckpt, path, model_cfg, tokenizer_hash=tok.hash)
+                for_decoding(tuned, cfg.precision, device)
+                answers[name] = generate(tuned, tok, prompts, answer_cfg, device=device)
+            records += [{"model": name, "prompt": p, "completion": answers[name][i].strip(), "reference": ref}
+                        for i, (p, ref) in enumerate(zip(prompts, pairs["response"])) for name in answers]
         md = ["# Samples\n"]
         for r in records:
             md.append(f"## {r['model']}\n\n```\n{r['prompt']}{r['completion']}\n```\n")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from minilm.config import (ALL_LINEAR, LORA_MODULES, DataConfig, DecodePrecision, ExportConfig, LoRAConfig,
                            ModelConfig, Precision, PretrainConfig, SampleConfig, SFTConfig, TokenizerConfig)
-from minilm.config import DistributedConfig
+from minilm.config import DistributedConfig, DPOConfig
 from minilm.errors import ConfigError
 from minilm.schema import build, load_yaml, suggest
 
@@ -77,6 +77,49 @@ class GenerateConfig(SampleConfig):
         return p
 
 
+@dataclass
+class PreferencesConfig:
+    """Where DPO's preference pairs come from (the preferences stage)."""
+
+    source: str = "self"               # self (SPIN: chosen = the SFT reference answer, rejected = the SFT
+                                       # model's own sample) | a .jsonl/.json/.csv/.parquet of pairs
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    val_fraction: float = 0.1          # a file's pairs held out (self-play holds out data/sft_val.jsonl)
+    bad_records: Literal["error", "skip"] = "error"
+    invalid_utf8: Literal["error", "replace"] = "error"
+    max_pairs: int = 0                 # self-play: SFT instructions used (0 = all)
+    temperature: float = 1.0           # self-play sampling of the rejected answers
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64               # prompts decoded together
+    seed: int = 1337
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not self.source.strip():
+            p.append("source must be 'self' or a path to a pairs file, got ''")
+        if not 0.0 < self.val_fraction < 1.0:
+            p.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("prompt_field", "chosen_field", "rejected_field"):
+            if not getattr(self, name).strip():
+                p.append(f"{name} must not be empty")
+        if len({self.prompt_field, self.chosen_field, self.rejected_field}) < 3:
+            p.append("prompt_field, chosen_field and rejected_field must be three different names")
+        if self.max_pairs < 0:
+            p.append(f"max_pairs must be >= 0 (0 = all), got {self.max_pairs}")
+        if not self.temperature > 0:
+            p.append(f"temperature must be > 0 (sampled answers; 0 would repeat the greedy one), got "
+                     f"{self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            p.append(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name} must be > 0, got {getattr(self, name)}")
+        return p
+
+
 def _sections() -> dict[str, type]:
     return {
         "project": ProjectConfig,
@@ -88,6 +131,8 @@ def _sections() -> dict[str, type]:
         "pretrain": PretrainConfig,
         "lora": LoRAConfig,
         "sft": SFTConfig,
+        "preferences": PreferencesConfig,
+        "dpo": DPOConfig,
         "distributed": DistributedConfig,
         "evaluate": EvaluateConfig,
         "generate": GenerateConfig,
@@ -107,6 +152,8 @@ class Params:
     pretrain: PretrainConfig
     lora: Any
     sft: Any
+    preferences: PreferencesConfig
+    dpo: DPOConfig
     evaluate: EvaluateConfig
     generate: GenerateConfig
     export: ExportConfig
@@ -161,6 +208,13 @@ def cross_section_problems(built: dict[str, Any]) -> list[str]:
                         f"{serve.device!r}")
     if "lora" in built:
         problems += _lora_target_problems(built["lora"], model)
+    if "dpo" in built:
+        dpo = built["dpo"]
+        problems += [p.replace("lora.targets", "dpo.lora_targets", 1)
+                     for p in _lora_target_problems(dpo.lora(), model)]
+        if dpo.max_length > ctx:
+            problems.append(f"dpo.max_length ({dpo.max_length}) is longer than the model supports "
+                            f"(model.context_length = {ctx}); lower it or set 0 (= the context length)")
     if "sft" not in built:
         return problems
     sft = built["sft"]

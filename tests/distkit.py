@@ -6,8 +6,9 @@ references in pytest itself with :func:`run_case`. Rank 0 trains into ``WORKDIR/
 into ``WORKDIR/<case>.rank<r>``, which stays empty when only rank 0 writes. Each rank writes what it
 saw (history, step, whether it was interrupted) to ``WORKDIR/<case>.w<world>.r<rank>.json``.
 
-Cases: ``<kind>-<strategy>`` with kind ``pretrain`` (a 2-layer GPT on random tokens) or ``lora`` (LoRA
-SFT of that GPT on synthetic masked pairs), strategy ``ddp`` or ``fsdp``; a ``+stop@N`` suffix sends this
+Cases: ``<kind>-<strategy>`` with kind ``pretrain`` (a 2-layer GPT on random tokens), ``lora`` (LoRA
+SFT of that GPT on synthetic masked pairs) or ``dpo`` (DPO with a fresh LoRA adapter on synthetic preference
+pairs, the reference being the adapter switched off), strategy ``ddp`` or ``fsdp``; a ``+stop@N`` suffix sends this
 rank SIGTERM (rank 1 only, under torchrun) while step N's batch is drawn; ``+kill@N`` SIGKILLs rank 1 there;
 ``+ema`` trains with an EMA of the weights (evaluated and saved as ``best``); ``+nan@N`` makes that rank's
 logits infinite in step N's forward (with ``nonfinite: skip``);
@@ -26,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minilm.config import LoRAConfig, ModelConfig, TrainConfig
+from minilm.config import DPOConfig, LoRAConfig, ModelConfig, TrainConfig
 from minilm.data import LMBatches
+from minilm.dpo import DPOObjective, PreferenceBatches, PreferenceExamples, eval_pair_batches
 from minilm.distributed import DistributedConfig, Parallel, init
 from minilm.errors import run_main
 from minilm.lora import inject_lora, lora_state, mark_only_lora_trainable
@@ -88,14 +90,34 @@ def _examples(seed: int = 0, n: int = 40) -> SFTExamples:
     return SFTExamples(ids, labels, prompts, pad_id=0, max_length=16, total=n)
 
 
+def _pairs(seed: int, n: int) -> PreferenceExamples:
+    """Synthetic preference pairs: the same prompts, two different random responses."""
+    chosen, other = _examples(seed, n), _examples(seed + 100, n)
+    rejected = []
+    for ids, p, o in zip(chosen.input_ids, chosen.prompt_lengths, other.input_ids):
+        rejected.append(np.concatenate([ids[:p], o[p:] if len(o) > p else o[-2:]])[:17])
+    labels = []
+    for ids, p in zip(rejected, chosen.prompt_lengths):
+        lab = ids.copy()
+        lab[:p] = IGNORE
+        labels.append(lab)
+    return PreferenceExamples(chosen, SFTExamples(rejected, labels, chosen.prompt_lengths, 0, 16, n), total=n)
+
+
 def build(kind: str, cfg: TrainConfig, world: int):
-    """(model, data, eval batches, save_state) of a case; every rank builds the same."""
+    """(model, data, eval batches, save_state, objective) of a case; every rank builds the same."""
     torch.manual_seed(0)
     model = GPT(MODEL)
+    if kind == "dpo":
+        inject_lora(model, LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
+        mark_only_lora_trainable(model)
+        data = PreferenceBatches(_pairs(0, 40), cfg.batch_size, cfg.seed, grad_accum=cfg.grad_accum * world)
+        return (model, data, eval_pair_batches(_pairs(9, 8), 4)[: cfg.eval_batches], lora_state,
+                DPOObjective(DPOConfig(beta=0.5)))
     if kind == "pretrain":
         tokens = np.random.default_rng(1).integers(0, MODEL.vocab_size, 4000).astype(np.uint16)
         data = LMBatches(tokens, cfg.batch_size, MODEL.context_length, seed=cfg.seed)
-        return model, data, data.eval_batches(cfg.eval_batches, seed=5), None
+        return model, data, data.eval_batches(cfg.eval_batches, seed=5), None, None
     inject_lora(model, LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
     mark_only_lora_trainable(model)
     with torch.no_grad():     # B != 0, so the adapter changes the model from the first step
@@ -104,7 +126,7 @@ def build(kind: str, cfg: TrainConfig, world: int):
                 p.normal_(0, 0.02)
     examples = _examples()
     data = SFTBatches(examples, cfg.batch_size, cfg.seed, grad_accum=cfg.grad_accum * world)
-    return model, data, eval_batches(_examples(seed=9, n=8), 4)[: cfg.eval_batches], lora_state
+    return model, data, eval_batches(_examples(seed=9, n=8), 4)[: cfg.eval_batches], lora_state, None
 
 
 def run_case(case: str, workdir: Path, par: Parallel | None = None, **cfg_over) -> TrainResult:
@@ -118,7 +140,7 @@ def run_case(case: str, workdir: Path, par: Parallel | None = None, **cfg_over) 
     if trigger.startswith("nan"):
         cfg_over = {"nonfinite": "skip", **cfg_over}
     cfg = dataclasses.replace(CFG, **cfg_over)
-    model, data, evals, save_state = build(kind, cfg, par.world)
+    model, data, evals, save_state, objective = build(kind, cfg, par.world)
     if trigger and (par.rank == 1 or not par.active):
         what, at = trigger.split("@")
         data = (Poison(data, int(at), model) if what == "nan" else
@@ -128,10 +150,10 @@ def run_case(case: str, workdir: Path, par: Parallel | None = None, **cfg_over) 
     result = train(model, data, cfg, out_dir=out, eval_batches=evals, progress=False,
                    run_config={"case": kind, "cfg": dataclasses.asdict(dataclasses.replace(
                        cfg, grad_accum=cfg.grad_accum * par.world))},
-                   save_state=save_state, parallel=par)
+                   save_state=save_state, parallel=par, objective=objective)
     record = {"history": result.history, "step": result.step, "interrupted": result.interrupted,
               "resumed_from": result.resumed_from, "world": par.world, "skipped": result.skipped_steps}
-    if kind == "lora":        # the frozen base, gathered from the shards: unchanged by training?
+    if kind in ("lora", "dpo"):       # the frozen base, gathered from the shards: unchanged by training?
         now = par.full_state(model.state_dict())
         torch.manual_seed(0)
         start = GPT(MODEL).state_dict()

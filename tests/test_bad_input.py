@@ -285,6 +285,37 @@ CASES = {
     "checkpoint-config-vs-params": Case(
         "sft", params({"model": {"d_model": 32}}),
         (f"{BASE} was trained with model.d_model=64", "params")),
+    "evaluate-checkpoint-of-another-size": Case(
+        "evaluate", params({"model": {"d_model": 32}}),
+        (f"{BASE} was trained with model.d_model=64 (params say 32)", "rerun the stage that trains it")),
+    "generate-checkpoint-of-another-depth": Case(
+        "generate", params({"model": {"n_layer": 3}}),
+        (f"{BASE} was trained with model.n_layer=2 (params say 3)", "rerun the stage that trains it")),
+    "dpo-beta-not-positive": Case("dpo", params({"dpo": {"beta": 0}}), ("dpo.beta must be > 0, got 0.0",)),
+    "dpo-ipo-with-label-smoothing": Case(
+        "preferences", params({"dpo": {"loss": "ipo", "label_smoothing": 0.1}}),
+        ("dpo.label_smoothing applies to loss 'sigmoid' only, got loss 'ipo'",)),
+    "dpo-lora-targets-match-nothing": Case(
+        "evaluate", params({"dpo": {"lora_targets": ["qkv_proj"]}}),
+        ("dpo.lora_targets ['qkv_proj'] match no linear layer in the model's blocks",)),
+    "dpo-compile": Case("generate", params({"dpo": {"compile": True}}),
+                        ("dpo.compile is not supported for DPO",)),
+    "preferences-file-missing": Case(
+        "preferences", params({"preferences": {"source": "prefs.jsonl"}}),
+        ("preference data prefs.jsonl not found; set preferences.source to an existing",)),
+    "preferences-chosen-equals-rejected": Case(
+        "preferences", file("prefs.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+                            '{"prompt": "r", "chosen": "same", "rejected": "same"}\n',
+                            {"preferences": {"source": "prefs.jsonl"}}),
+        ("prefs.jsonl: line 2 has the same text as chosen and as rejected (nothing to prefer)",
+         "preferences.bad_records: skip")),
+    "preferences-missing-field": Case(
+        "preferences", file("prefs.csv", "question,good\nq,a\n",
+                            {"preferences": {"source": "prefs.csv", "prompt_field": "question"}}),
+        ("prefs.csv has no column 'chosen' (columns: question, good); set preferences.prompt_field",)),
+    "preferences-binary-file": Case(
+        "preferences", file("prefs.jsonl", bytes(range(256)) * 40, {"preferences": {"source": "prefs.jsonl"}}),
+        ("prefs.jsonl", "preferences.source")),
     "checkpoint-vs-retrained-tokenizer": Case(
         "sft", retrained_tokenizer, (f"{BASE} was trained with another tokenizer (sha256 ",
                                      "rerun the stage that trains it (e.g. `dvc repro pretrain`)")),

@@ -34,7 +34,8 @@ from distkit import run_case  # noqa: E402
 
 from minilm.checkpoint import load_checkpoint  # noqa: E402
 
-TWO_RANKS = ["pretrain-ddp", "pretrain-fsdp", "lora-ddp", "lora-fsdp", "pretrain-fsdp+ema:ema",
+TWO_RANKS = ["pretrain-ddp", "pretrain-fsdp", "lora-ddp", "lora-fsdp", "dpo-ddp", "dpo-fsdp",
+             "pretrain-fsdp+ema:ema",
              "pretrain-fsdp+nan@3:nan",            # rank 1's step 4 is non-finite
              "pretrain-fsdp:r12",                  # continues a 1-process run at 2 ranks
              "pretrain-ddp+stop@3:r21", "lora-fsdp+stop@3:r21lora"]   # stop at 4, continued by 1
@@ -61,7 +62,7 @@ def result(workdir: Path, name: str, rank: int = 0, world: int | None = None) ->
 def runs(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("dist")
     torch.set_num_threads(1)
-    for kind in ("pretrain", "lora"):          # one process, the same global batch (2 x 1 = 1 x 2)
+    for kind in ("pretrain", "lora", "dpo"):   # one process, the same global batch (2 x 1 = 1 x 2)
         run_case(f"{kind}-ddp:ref-{kind}", work, grad_accum=2)
     run_case("pretrain-ddp+ema:ref-ema", work, grad_accum=2)
     run_case("pretrain-ddp+nan@3:ref-nan", work, grad_accum=2)
@@ -89,10 +90,24 @@ def assert_same_run(work: Path, name: str, ref: str, world: int | None = None) -
         assert y.get("val_loss", 0.0) == pytest.approx(x.get("val_loss", 0.0), abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["pretrain-ddp", "pretrain-fsdp", "lora-ddp", "lora-fsdp"])
+@pytest.mark.parametrize("case", ["pretrain-ddp", "pretrain-fsdp", "lora-ddp", "lora-fsdp", "dpo-ddp",
+                                  "dpo-fsdp"])
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs, case):
     assert_same_run(runs, case, "ref-" + case.split("-")[0])
     assert result(runs, case, 1)["history"] == result(runs, case, 0)["history"]   # the ranks agree
+
+
+def test_dpo_figures_are_reduced_over_the_ranks(runs):
+    """The rewards a 2-rank DPO run logs are those of the whole global batch (each rank holds half the
+    pairs), equal to one process's; the frozen base stays frozen on every rank."""
+    ref, two = result(runs, "ref-dpo")["history"], result(runs, "dpo-ddp")["history"]
+    for x, y in zip(ref, two):
+        for key in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/rejected",
+                    "val_rewards/margins"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], abs=1e-5, rel=1e-4), (key, x["step"])
+    assert any("rewards/margins" in r for r in two) and any("val_rewards/margins" in r for r in two)
+    assert all(result(runs, "dpo-fsdp", rank)["base_change"] == 0.0 for rank in (0, 1))
 
 
 def test_ema_under_fsdp_equals_one_rank(runs):

@@ -476,6 +476,20 @@ def test_read_only_output_directory_is_refused_before_training(trained, mount_po
     assert hashes(trained, "out") == before
 
 
+@pytest.mark.parametrize("name", ["evaluate", "generate", "preferences"])
+def test_a_read_only_output_directory_is_refused_before_any_work(trained, mount_point, name):
+    """The stages that decode or score check that they can write before loading a model (here none has
+    been made: merge never ran, so the refusal can only come from the check made first)."""
+    out = trained / "out" / name
+    out.mkdir(parents=True, exist_ok=True)
+    mount_point(out, "--bind", str(out))
+    mount_point(out, "-o", "remount,bind,ro")
+    before = hashes(trained, "out")
+    proc = stage(trained, name, check=False)
+    one_line_error(proc, f"cannot write out/{name}:", "read-only", "make the directory writable")
+    assert hashes(trained, "out") == before
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. tracking
 

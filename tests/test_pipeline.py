@@ -19,7 +19,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "tokenizer", "encode", "pretrain", "sft", "merge", "evaluate", "generate", "export"]
+STAGES = ["prepare", "tokenizer", "encode", "pretrain", "sft", "merge", "preferences", "dpo", "evaluate",
+          "generate", "export"]
 
 TINY = {
     "project": {"progress": False},
@@ -30,6 +31,9 @@ TINY = {
                  "eval_batches": 2, "log_every": 5},
     "sft": {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
             "log_every": 5},
+    "preferences": {"max_pairs": 48, "max_new_tokens": 16},
+    "dpo": {"max_steps": 12, "batch_size": 4, "warmup_steps": 2, "eval_every": 6, "eval_batches": 2,
+            "log_every": 3, "lr": 5.0e-3},
     "evaluate": {"batches": 4, "batch_size": 8, "sft_pairs": 40},
     "generate": {"prompts": ["The function", "A list"], "min_new_tokens": 5, "max_new_tokens": 12,
                  "sft_questions": 2},
@@ -100,7 +104,9 @@ def test_repro_writes_every_output(repo):
                 "out/pretrain/history.csv", "out/pretrain/loss.png", "out/evaluate/metrics.json",
                 "out/sft/tuned/adapter_model.safetensors", "out/sft/tuned/adapter_config.json",
                 "out/sft/loss.png", "out/merge/model.safetensors", "out/merge/metrics.json",
-                "out/generate/samples.md", "out/generate/samples.jsonl"]:
+                "out/generate/samples.md", "out/generate/samples.jsonl", "out/preferences/train.jsonl",
+                "out/preferences/val.jsonl", "out/dpo/adapter/adapter_model.safetensors",
+                "out/dpo/adapter/adapter_config.json", "out/dpo/model.safetensors", "out/dpo/loss.png"]:
         assert (repo / rel).is_file() and (repo / rel).stat().st_size > 0, rel
     assert (repo / "out/pretrain/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(line) for line in (repo / "out/generate/samples.jsonl").read_text().splitlines()]
@@ -110,6 +116,8 @@ def test_repro_writes_every_output(repo):
     answers = [s for s in samples if s["model"] == "sft"]
     assert len(answers) == 2 and all(s["prompt"].startswith("### Instruction:\n") for s in answers)
     assert all(s["prompt"].endswith("### Response:\n") for s in answers)
+    dpo = [s for s in samples if s["model"] == "dpo"]            # next to the SFT model's answers
+    assert [s["prompt"] for s in dpo] == [s["prompt"] for s in answers]
 
 
 def merge_changed_the_base(repo: Path) -> bool:
@@ -141,6 +149,33 @@ def test_metrics_are_sane_and_shown_by_dvc(repo):
     assert "sft_val_responses" in shown and "max_abs_logit_diff" in shown
     pre = json.loads((repo / "out/pretrain/metrics.json").read_text())
     assert pre["steps"] == 30 and pre["best_val_loss"] < math.log(384)
+
+
+def test_dpo_learns_the_self_play_preferences(repo):
+    """Self-play pairs (chosen = the reference answer, rejected = the SFT model's own sample) from the
+    training and the held-out SFT sets; DPO moves held-out preference accuracy above chance, and evaluate
+    reports it with what it costs the LM."""
+    import math
+
+    train_pairs = [json.loads(x) for x in (repo / "out/preferences/train.jsonl").read_text().splitlines()]
+    sft_train = [json.loads(x) for x in (repo / "data/sft_train.jsonl").read_text().splitlines()]
+    assert 0 < len(train_pairs) <= 48
+    assert all(p["chosen"] != p["rejected"] and p["rejected"] for p in train_pairs)
+    assert {(p["prompt"], p["chosen"]) for p in train_pairs} <= {(q["instruction"], q["response"])
+                                                                for q in sft_train}
+    dpo = json.loads((repo / "out/dpo/metrics.json").read_text())
+    assert dpo["steps"] == 12 and dpo["val_preference_accuracy"] > 0.6 and dpo["val_reward_margin"] > 0
+    m = json.loads((repo / "out/evaluate/metrics.json").read_text())
+    assert m["dpo"]["preferences_val"]["accuracy"] == pytest.approx(dpo["val_preference_accuracy"], abs=1e-6)
+    assert 0 < m["dpo"]["val_text"]["loss"] < math.log(384) and "loss" in m["dpo"]["sft_val_responses"]
+    history = (repo / "out/dpo/history.csv").read_text().splitlines()[0].split(",")
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "val_rewards/accuracies"):
+        assert name in history, name
+    client, runs = mlflow_runs(repo)
+    run = next(r for r in runs if r.info.run_name == "dpo")
+    assert run.data.metrics["final_val_preference_accuracy"] == pytest.approx(dpo["val_preference_accuracy"])
+    assert "rewards/margins" in run.data.metrics and run.data.params["dpo.beta"] == "0.1"
 
 
 def test_every_stage_is_an_mlflow_run_with_params_metrics_and_lineage(repo):
@@ -221,7 +256,18 @@ def test_lora_param_reruns_only_the_fine_tuning_half(repo):
     assert set(status) == {"sft"}, status      # downstream stages follow once sft's outputs change
     proc = sh(repo, "dvc", "repro")
     ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["sft", "merge", "evaluate", "generate", "export"], proc.stdout
+    assert ran == ["sft", "merge", "preferences", "dpo", "evaluate", "generate", "export"], proc.stdout
+
+
+def test_a_dpo_param_reruns_only_dpo_and_what_follows(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["dpo"]["beta"] = 0.2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+    assert set(status) == {"dpo", "evaluate"}, status      # evaluate reads dpo.beta for its rewards
+    proc = sh(repo, "dvc", "repro")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["dpo", "evaluate", "generate"], proc.stdout
 
 
 def test_full_fine_tuning_writes_a_whole_model_that_merge_passes_through(repo):
@@ -232,7 +278,7 @@ def test_full_fine_tuning_writes_a_whole_model_that_merge_passes_through(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = sh(repo, "dvc", "repro")
     ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["sft", "merge", "evaluate", "generate", "export"], proc.stdout
+    assert ran == ["sft", "merge", "preferences", "dpo", "evaluate", "generate", "export"], proc.stdout
     assert sorted(p.name for p in (repo / "out/sft/tuned").iterdir()) == ["model.safetensors"]
     sft = json.loads((repo / "out/sft/metrics.json").read_text())
     assert sft["trainable_share"] == 1.0 and sft["best_val_response_loss"] < 8
