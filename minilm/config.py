@@ -104,9 +104,13 @@ class TokenizerConfig:
     byte_fallback: bool = True
     special_tokens: list[str] = field(default_factory=list)
     max_sentences: int = 2_000_000    # SentencePiece input_sentence_size (sampled above this)
+    path: str = ""                    # "" = train one; else an existing SentencePiece .model to use as it is
+                                      # (e.g. minilm-import's tokenizer.model; the keys above are then unused)
 
     def problems(self) -> list[str]:
         p: list[str] = []
+        if self.path and self.kind != "sentencepiece":
+            p.append(f"path (an existing SentencePiece model) needs kind: sentencepiece, got kind {self.kind!r}")
         if self.vocab_size < 8:
             p.append(f"vocab_size must be >= 8, got {self.vocab_size}")
         if not 0.9 <= self.character_coverage <= 1.0:

@@ -11,6 +11,7 @@ Every expected mistake is one line (``error: ...``) and exit code 2, and nothing
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, get_args
 
@@ -119,7 +120,8 @@ def import_transformers(model_dir: str | Path, out: str | Path, tokenizer_out: s
         fh.write(tokenizer.path.read_bytes())
     save_checkpoint(out, model, extra={"tokenizer_sha256": tokenizer.hash,
                                        "imported_from": "transformers:" + Path(model_dir).name})
-    return {"checkpoint": out, "tokenizer": tokenizer_out, "parameters": model.num_parameters()}
+    return {"checkpoint": out, "tokenizer": tokenizer_out, "parameters": model.num_parameters(),
+            "config": model.config}
 
 
 def import_parser() -> argparse.ArgumentParser:
@@ -139,6 +141,11 @@ def _import(argv: list[str] | None) -> int:
     args = import_parser().parse_args(argv)
     done = import_transformers(args.model_dir, args.out, args.tokenizer_out)
     print(f"wrote {done['checkpoint']} ({done['parameters']:,} parameters) and {done['tokenizer']}")
+    cfg = done["config"]
+    keys = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "norm_eps", "rope_base",
+            "tie_embeddings", "bias")
+    print("its shape, for params.yaml's model section (to fine-tune it with sft.base):\n" +
+          "\n".join(f"  {k}: {json.dumps(getattr(cfg, k))}" for k in keys))
     return 0
 
 

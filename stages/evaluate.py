@@ -14,6 +14,7 @@ Writes out/evaluate/metrics.json (DVC metrics) and results.csv (the same table, 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 
@@ -29,8 +30,7 @@ from minilm.sft import encode_pairs, response_loss
 from minilm.tokenizer import load_tokenizer
 from minilm.train import evaluate_loss
 
-from .common import (DPO_MODEL, ENCODED, EVALUATE, MERGED, PREF_VAL, PRETRAIN, SFT_VAL, setup, stage_run,
-                     tokenizer_path)
+from .common import DPO_MODEL, ENCODED, EVALUATE, MERGED, PREF_VAL, SFT_VAL, setup, stage_run, tokenizer_path
 
 PARAMS = ["evaluate", "model", "sft", "dpo.beta", "dpo.max_length", "project.device"]   # model: checkpoints match it
 MODELS = ("base", "sft", "dpo")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     params = setup("evaluate", __doc__, argv)
     cfg = params.evaluate
     device = resolve_device(params.project.device)
-    base_path = PRETRAIN / "best.safetensors"
+    base_path = Path(params.sft.base)         # the model SFT started from (default: pretrain's best)
     check_writable(EVALUATE)
     tok = load_tokenizer(tokenizer_path())
     model_cfg = dataclasses.replace(params.model, vocab_size=tok.vocab_size)

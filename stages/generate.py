@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from minilm.checkpoint import check_compatible, load_model
 from minilm.errors import run_main
@@ -16,7 +17,7 @@ from minilm.precision import check_decode_precision, for_decoding, resolve_devic
 from minilm.sampling import generate
 from minilm.tokenizer import load_tokenizer
 
-from .common import DPO_MODEL, GENERATE, MERGED, PRETRAIN, SFT_VAL, setup, stage_run, tokenizer_path
+from .common import DPO_MODEL, GENERATE, MERGED, SFT_VAL, setup, stage_run, tokenizer_path
 
 PARAMS = ["generate", "model", "sft", "project.device"]   # model: the checkpoints must match it
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SampleConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SampleConfig)})
     device = resolve_device(params.project.device)
     check_decode_precision(cfg.precision, device)
-    base_path = PRETRAIN / "best.safetensors"
+    base_path = Path(params.sft.base)         # the model SFT started from (default: pretrain's best)
     check_writable(GENERATE)            # a read-only out/ fails now, not after all the decoding
     tok = load_tokenizer(tokenizer_path())
     model_cfg = dataclasses.replace(params.model, vocab_size=tok.vocab_size)

@@ -5,6 +5,8 @@ merged model's logits and the fine-tuned model's (base + adapter, unmerged) on a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from minilm.adapter import ADAPTER_WEIGHTS, load_adapter, read_adapter
@@ -16,22 +18,22 @@ from minilm.model import GPT
 from minilm.pairs import read_pairs
 from minilm.tokenizer import load_tokenizer
 
-from .common import FULL_WEIGHTS, MERGE, MERGED, PRETRAIN, SFT_VAL, TUNED, setup, stage_run, tokenizer_path
+from .common import FULL_WEIGHTS, MERGE, MERGED, SFT_VAL, TUNED, setup, stage_run, tokenizer_path
 
-PARAMS = ["sft.template"]             # recorded in the merged model, so chat and serving render turns alike
-
-BASE = PRETRAIN / "best.safetensors"
+PARAMS = ["sft.template", "sft.base"]   # template: recorded in the merged model, so chat and serving render
+                                        # turns alike; base: the model the adapter was trained on
 
 
 def main(argv: list[str] | None = None) -> None:
     params = setup("merge", __doc__, argv)
     full = (TUNED / FULL_WEIGHTS).exists()
+    base_path = Path(params.sft.base)
     source = TUNED / (FULL_WEIGHTS if full else ADAPTER_WEIGHTS)
     with stage_run("merge", params, [], out_dir=MERGE,
-                   inputs={"base_model": BASE, "tuned": source, "tokenizer": tokenizer_path()}) as run:
-        base = load_checkpoint(BASE)
-        base_sha = sha256_file(BASE)
-        merged, reference, layers = (passed_through if full else merged_adapter)(base, base_sha)
+                   inputs={"base_model": base_path, "tuned": source, "tokenizer": tokenizer_path()}) as run:
+        base = load_checkpoint(base_path)
+        base_sha = sha256_file(base_path)
+        merged, reference, layers = (passed_through if full else merged_adapter)(base, base_sha, base_path)
         save_checkpoint(MERGED, merged, step=base.step, extra={
             "tokenizer_sha256": base.meta.get("extra", {}).get("tokenizer_sha256"),
             "sft_template": params.sft.template, "sft_method": "full" if full else "lora",
@@ -51,12 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"merge: {what} -> {MERGED}; max |logit diff| vs the fine-tuned model = {diff:.2e}")
 
 
-def merged_adapter(base: Checkpoint, base_sha: str) -> tuple[GPT, GPT, int]:
+def merged_adapter(base: Checkpoint, base_sha: str, base_path: Path) -> tuple[GPT, GPT, int]:
     """(base with the LoRA adapter folded in, base + the unmerged adapter, merged layers)."""
     adapter = read_adapter(TUNED)
     if adapter.base_sha256 and adapter.base_sha256 != base_sha:
         raise CheckpointError(f"{TUNED} was trained on another base model (sha256 "
-                              f"{adapter.base_sha256[:12]}, {BASE} is {base_sha[:12]}); rerun sft")
+                              f"{adapter.base_sha256[:12]}, {base_path} is {base_sha[:12]}); rerun sft")
     merged = GPT(base.model_config)
     load_model_state(merged, merge_state_dict(base.model_state, adapter.state, adapter.config))  # strict
     lora_model = GPT(base.model_config)
@@ -65,13 +67,13 @@ def merged_adapter(base: Checkpoint, base_sha: str) -> tuple[GPT, GPT, int]:
     return merged, lora_model, len(adapter.modules)
 
 
-def passed_through(base: Checkpoint, base_sha: str) -> tuple[GPT, GPT, int]:
+def passed_through(base: Checkpoint, base_sha: str, base_path: Path) -> tuple[GPT, GPT, int]:
     """A full fine-tune needs no merging: its weights, checked against the base they were tuned from."""
     tuned = load_checkpoint(TUNED / FULL_WEIGHTS)
     recorded = tuned.meta.get("extra", {}).get("base_sha256")
     if recorded and recorded != base_sha:
         raise CheckpointError(f"{TUNED / FULL_WEIGHTS} was fine-tuned from another base model (sha256 "
-                              f"{recorded[:12]}, {BASE} is {base_sha[:12]}); rerun sft")
+                              f"{recorded[:12]}, {base_path} is {base_sha[:12]}); rerun sft")
     check_compatible(tuned, TUNED / FULL_WEIGHTS, base.model_config)
     model = GPT(tuned.model_config)
     load_model_state(model, tuned.model_state)

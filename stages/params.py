@@ -120,6 +120,20 @@ class PreferencesConfig:
         return p
 
 
+@dataclass
+class SFTStageConfig(SFTConfig):
+    """The sft section: the library's fine-tuning settings plus the checkpoint the pipeline tunes."""
+
+    base: str = "out/pretrain/best.safetensors"   # the model to fine-tune: pretrain's best, or any minilm
+                                                   # checkpoint (e.g. minilm-import's output)
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if not self.base.strip():
+            p.append("base must name a checkpoint (default out/pretrain/best.safetensors), got ''")
+        return p
+
+
 def _sections() -> dict[str, type]:
     return {
         "project": ProjectConfig,
@@ -130,7 +144,7 @@ def _sections() -> dict[str, type]:
         "model": ModelConfig,
         "pretrain": PretrainConfig,
         "lora": LoRAConfig,
-        "sft": SFTConfig,
+        "sft": SFTStageConfig,
         "preferences": PreferencesConfig,
         "dpo": DPOConfig,
         "distributed": DistributedConfig,
@@ -151,7 +165,7 @@ class Params:
     model: ModelConfig
     pretrain: PretrainConfig
     lora: Any
-    sft: Any
+    sft: SFTStageConfig
     preferences: PreferencesConfig
     dpo: DPOConfig
     evaluate: EvaluateConfig

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 
@@ -29,13 +30,11 @@ from minilm.sft import SFTBatches, encode_pairs, eval_batches
 from minilm.tokenizer import load_tokenizer
 from minilm.train import train
 
-from .common import FULL_WEIGHTS, PRETRAIN, SFT, SFT_TRAIN, SFT_VAL, TUNED, setup, stage_run, tokenizer_path
+from .common import FULL_WEIGHTS, SFT, SFT_TRAIN, SFT_VAL, TUNED, setup, stage_run, tokenizer_path
 from .training import (global_config, rank_tags, resume_run_id, stage_fingerprint, start_ranks,
                        stop_if_interrupted, timings, write_curves)
 
 PARAMS = ["model", "lora", "sft", "distributed", "project.device"]   # model: the base must match it
-
-BASE = PRETRAIN / "best.safetensors"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,10 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg, lora_cfg = params.sft, params.lora
     tok = load_tokenizer(tokenizer_path())
-    base = load_checkpoint(BASE)
-    check_compatible(base, BASE, dataclasses.replace(params.model, vocab_size=tok.vocab_size),
+    base_path = Path(cfg.base)          # pretrain's best, or any minilm checkpoint (e.g. an imported model)
+    base = load_checkpoint(base_path)
+    check_compatible(base, base_path, dataclasses.replace(params.model, vocab_size=tok.vocab_size),
                      tokenizer_hash=tok.hash)
-    base_sha = sha256_file(BASE)
+    base_sha = sha256_file(base_path)
     ctx = base.model_config.context_length
     train_set = encode_pairs(read_pairs(SFT_TRAIN), tok, cfg, ctx)
     val_set = encode_pairs(read_pairs(SFT_VAL), tok, cfg, ctx)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     evals = eval_batches(val_set, cfg.batch_size, tok.pad_id)[: cfg.eval_batches]
     facts: dict = {}
     ctx = (stage_run("sft", params, ["model", "lora", "sft", "distributed", "project"], out_dir=SFT,
-                     resume_run_id=resume_id, inputs={"base_model": BASE, "tokenizer": tokenizer_path(),
+                     resume_run_id=resume_id, inputs={"base_model": base_path, "tokenizer": tokenizer_path(),
                                                       "sft_train": SFT_TRAIN, "sft_val": SFT_VAL},
                      facts=facts, tags={"minilm.sft_method": cfg.method, **rank_tags(par)},
                      parent_metrics=["train_loss", "val_loss", "final_best_val_response_loss"])
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             load_model_state(model, best.model_state)
         else:
             model.load_state_dict(best.model_state, strict=False)     # the adapter weights only
-        write_tuned(model, cfg.method, lora_cfg, base, base_sha, tok.hash)
+        write_tuned(model, cfg.method, lora_cfg, base, base_sha, tok.hash, base_path)
         write_curves(result.history, SFT, "SFT response loss")
         metrics = {"best_val_response_loss": result.best_val_loss,
                    "best_val_response_perplexity": math.exp(min(result.best_val_loss, 700)),
@@ -124,7 +124,7 @@ def tuned_model(base: Checkpoint, method: str, lora_cfg: LoRAConfig) -> tuple[GP
 
 
 def write_tuned(model: GPT, method: str, lora_cfg: LoRAConfig, base: Checkpoint, base_sha: str,
-                tokenizer_hash: str) -> None:
+                tokenizer_hash: str, base_path: Path) -> None:
     """out/sft/tuned: the PEFT adapter files (lora) or the whole fine-tuned model (full); a file the other
     method left there is removed, so merge reads only what this run made."""
     TUNED.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def write_tuned(model: GPT, method: str, lora_cfg: LoRAConfig, base: Checkpoint,
         path.unlink(missing_ok=True)
     if method == "lora":
         save_adapter(TUNED, model, lora_cfg, base_sha256=base_sha, base_config=to_dict(base.model_config),
-                     base_name=str(BASE))
+                     base_name=base_path.as_posix())
     else:
         save_checkpoint(TUNED / FULL_WEIGHTS, model, step=0,
                         extra={"tokenizer_sha256": tokenizer_hash, "base_sha256": base_sha,

@@ -1,11 +1,15 @@
 """tokenizer: train the SentencePiece model on data/corpus.txt (or build the char vocabulary),
-per params `tokenizer`. Writes out/tokenizer/tokenizer.model (or tokenizer.json)."""
+per params `tokenizer`, or take an existing SentencePiece model as it is (`tokenizer.path`, e.g. the
+tokenizer.model minilm-import wrote beside an imported model, so the pipeline encodes text the way that
+model reads it). Writes out/tokenizer/tokenizer.model (or tokenizer.json)."""
 
 from __future__ import annotations
 
-from minilm.errors import run_main
-from minilm.fileio import write_json
-from minilm.tokenizer import train_tokenizer
+from pathlib import Path
+
+from minilm.errors import CheckpointError, ConfigError, run_main
+from minilm.fileio import atomic_write, write_json
+from minilm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 from .common import CORPUS, TOKENIZER, setup, stage_run
 
@@ -21,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
             stale.unlink()
     with stage_run("tokenizer", params, ["tokenizer"], out_dir=TOKENIZER,
                    inputs={"corpus": CORPUS}) as run:
-        tok = train_tokenizer(CORPUS, TOKENIZER / name, cfg)
+        tok = adopt(cfg.path, TOKENIZER / name) if cfg.path else train_tokenizer(CORPUS, TOKENIZER / name, cfg)
         sample = CORPUS.read_text(encoding="utf-8", errors="replace")[:200_000]
         n_tokens = len(tok.encode(sample))
         stats = {"vocab_size": tok.vocab_size, "bytes_per_token": len(sample.encode()) / max(n_tokens, 1),
@@ -31,6 +35,25 @@ def main(argv: list[str] | None = None) -> None:
         run.log_artifact(TOKENIZER / name)
     print(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens, {stats['bytes_per_token']:.2f} bytes/token "
           f"-> {TOKENIZER / name}")
+
+
+def adopt(source: str, target: Path) -> Tokenizer:
+    """An existing SentencePiece model, checked by loading it, copied byte for byte (its sha256, which
+    checkpoints record, stays the same)."""
+    if not Path(source).is_file():
+        raise ConfigError(f"tokenizer.path {source} is not a file; point it at a SentencePiece tokenizer.model "
+                          "(minilm-import writes one beside the model) or set it to \"\" to train one")
+    try:
+        tok = load_tokenizer(source)
+    except CheckpointError:
+        raise ConfigError(f"tokenizer.path {source} is not a SentencePiece model (it could not be parsed); "
+                          "point it at a tokenizer.model, e.g. the one minilm-import wrote") from None
+    if tok.kind != "sentencepiece":
+        raise ConfigError(f"tokenizer.path {source} is not a SentencePiece model (a {tok.kind} vocabulary); "
+                          "point it at a tokenizer.model")
+    with atomic_write(target, "wb") as fh:
+        fh.write(Path(source).read_bytes())
+    return load_tokenizer(target)
 
 
 if __name__ == "__main__":

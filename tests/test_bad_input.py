@@ -316,6 +316,17 @@ CASES = {
     "preferences-binary-file": Case(
         "preferences", file("prefs.jsonl", bytes(range(256)) * 40, {"preferences": {"source": "prefs.jsonl"}}),
         ("prefs.jsonl", "preferences.source")),
+    "tokenizer-path-missing": Case("tokenizer", params({"tokenizer": {"path": "init/tokenizer.model"}}),
+                                   ("tokenizer.path init/tokenizer.model is not a file; point it at a "
+                                    "SentencePiece tokenizer.model",)),
+    "tokenizer-path-not-sentencepiece": Case(
+        "tokenizer", params({"tokenizer": {"path": "data/corpus.txt"}}),
+        ("tokenizer.path data/corpus.txt is not a SentencePiece model (it could not be parsed)",)),
+    "tokenizer-path-with-kind-char": Case("tokenizer", params({"tokenizer": {"path": "t.model", "kind": "char"}}),
+                                          ("tokenizer.path (an existing SentencePiece model) needs kind: "
+                                           "sentencepiece, got kind 'char'",)),
+    "sft-base-missing": Case("sft", params({"sft": {"base": "init/model.safetensors"}}),
+                             ("checkpoint init/model.safetensors not found",)),
     "checkpoint-vs-retrained-tokenizer": Case(
         "sft", retrained_tokenizer, (f"{BASE} was trained with another tokenizer (sha256 ",
                                      "rerun the stage that trains it (e.g. `dvc repro pretrain`)")),

@@ -372,3 +372,40 @@ def test_ci_runs_the_readme_test_command():
     command = 'pip install torch==2.13.0 -e ".[test,bench]" && python -m pytest -q'
     assert command in readme
     assert command.replace("pip install ", "pip install -q ") in ci
+
+
+def test_sft_tunes_an_imported_hugging_face_model_without_pretraining(tmp_path):
+    """A user's own small Llama (a transformers directory) goes through minilm-import; with
+    `tokenizer.path` and `sft.base` pointing at what it wrote, `dvc repro merge` LoRA-tunes that model on
+    the pipeline's SFT data: the pipeline's tokenizer is the model's own (the same bytes, so the
+    checkpoint's recorded tokenizer matches) and pretraining does not run."""
+    import math
+
+    from exporting import sp_tokenizer, trained_model
+    from minilm.checkpoint import load_checkpoint
+    from minilm.hf import to_transformers
+
+    tok = sp_tokenizer(tmp_path)
+    model = trained_model(tok, tmp_path / "corpus.txt", steps=20)
+    hf = tmp_path / "hf-llama"
+    to_transformers(model).save_pretrained(hf)
+    shutil.copy(tok.path, hf / "tokenizer.model")
+    shape = {k: getattr(model.config, k) for k in ("context_length", "n_layer", "n_head", "d_model")}
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"tokenizer": {"path": "init/tokenizer.model"},
+                                                     "sft": {"base": "init/model.safetensors"},
+                                                     "model": shape}))
+    printed = sh(repo, "minilm-import", str(hf), "--out", "init/model.safetensors").stdout
+    assert f"  n_layer: {shape['n_layer']}\n" in printed and f"  d_model: {shape['d_model']}\n" in printed
+    proc = sh(repo, "dvc", "repro", "merge")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["prepare", "tokenizer", "sft", "merge"], proc.stdout
+    assert (repo / "out/tokenizer/tokenizer.model").read_bytes() == tok.path.read_bytes()
+    base = load_checkpoint(repo / "init/model.safetensors").model_state
+    merged = load_checkpoint(repo / "out/merge/model.safetensors").model_state
+    assert base and all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())   # imported exactly
+    changed = [k for k in merged if k.endswith("q_proj.weight")]
+    assert changed and all(not torch.equal(base[k], merged[k]) for k in changed)
+    sft = json.loads((repo / "out/sft/metrics.json").read_text())
+    assert sft["steps"] == TINY["sft"]["max_steps"] and math.isfinite(sft["best_val_response_loss"])
+    adapter = json.loads((repo / "out/sft/tuned/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "init/model.safetensors"
