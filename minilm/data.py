@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -78,8 +79,7 @@ def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: s
         temps = {name: temp_path_beside(out_dir / f"{name}.bin") for name in SPLITS}
         tokens = {}
         try:
-            with tqdm(total=size, unit="B", unit_scale=True, desc="encode",
-                      disable=None if progress else True) as bar:
+            with _byte_progress(size, progress) as bar:
                 encoder.bar = bar
                 for name, (start, end) in zip(SPLITS, ((0, split), (split, size))):
                     try:
@@ -99,6 +99,33 @@ def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: s
             "val_fraction": val_fraction}
     write_json(out_dir / "meta.json", meta)
     return meta
+
+
+class _Lines:
+    """Off a terminal (CI logs, ``dvc repro > log``): a plain line per ~10% of the bytes, not a bar."""
+
+    def __init__(self, total: int, stream: Any) -> None:
+        self.total, self.done, self.next, self.stream = total, 0, total // 10, stream
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done >= self.next or self.done == self.total:
+            self.next = self.done + max(1, self.total // 10)
+            print(f"encode: {self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB", file=self.stream, flush=True)
+
+    def __enter__(self) -> "_Lines":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _byte_progress(total: int, enabled: bool) -> Any:
+    """A byte counter: tqdm on a terminal, plain lines elsewhere, nothing when ``enabled`` is false."""
+    stream = sys.stderr
+    if enabled and not getattr(stream, "isatty", lambda: False)():
+        return _Lines(total, stream)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not enabled, file=stream)
 
 
 def _split_offset(fh: IO[bytes], size: int, val_fraction: float) -> int | None:

@@ -158,13 +158,13 @@ def _sections() -> dict[str, type]:
 @dataclass
 class Params:
     project: ProjectConfig
-    mlflow: Any
-    data: Any
+    mlflow: TrackingConfig
+    data: DataConfig
     tokenizer: TokenizerConfig
     encode: EncodeConfig
     model: ModelConfig
     pretrain: PretrainConfig
-    lora: Any
+    lora: LoRAConfig
     sft: SFTStageConfig
     preferences: PreferencesConfig
     dpo: DPOConfig

@@ -231,3 +231,14 @@ def test_too_few_tokens_for_a_window(counting_tokens):
     assert "100 tokens" in msg and "101" in msg and "model.context_length" in msg
     x, y = LMBatches(counting_tokens[:101], 2, 100, seed=0).batch(0)  # exactly one window fits
     assert torch.equal(x[0], torch.arange(100)) and torch.equal(x[0], x[1])
+
+
+def test_off_a_terminal_encode_progress_is_a_plain_line_now_and_then(stdlib_text, char_tok, tmp_path, capfd):
+    encode_corpus(stdlib_text, char_tok, tmp_path / "enc", val_fraction=0.1, chunk_bytes=1 << 14)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("encode: ")]
+    assert "\r" not in err and 2 <= len(lines) <= 12, err
+    total = stdlib_text.stat().st_size / 1e6
+    assert lines[-1] == f"encode: {total:.1f} of {total:.1f} MB"
+    encode_corpus(stdlib_text, char_tok, tmp_path / "quiet", val_fraction=0.1, progress=False)
+    assert "encode" not in capfd.readouterr().err
