@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from minilm.fileio import write_json, write_text
 
-from . import finetune, generation, llamacpp, pipeline, quality, serving, training, utilisation
+from . import finetune, generation, llamacpp, pipeline, quality, serving, speedrun, training, utilisation
 from .harness import ROOT, Context, load_average, machine_info
 from .report import render
 
@@ -34,6 +34,8 @@ ROWS: dict[int, tuple[str, str, Callable[[Context], dict[str, Any]]]] = {
     6: ("pipeline", "Pipeline overhead (dvc repro)", pipeline.run),
     7: ("serving", "Serving (minilm-serve: continuous batching vs one request at a time)", serving.run),
     8: ("llamacpp", "Decoding vs llama.cpp (batch 1, 256 new tokens, f16 and q8_0 GGUF)", llamacpp.run),
+    9: ("speedrun", "Time to quality (tinyshakespeare: time to nanoGPT's final val loss) and its levers, 3 seeds",
+        speedrun.run),
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results.json"
 

@@ -145,6 +145,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: Literal["adamw", "muon"] = "adamw"   # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02             # Muon's peak rate (scaled over the schedule as lr is)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0            # 0 = off
     precision: Precision = "auto"
     ema_decay: float = 0.0            # 0 = no EMA
@@ -162,7 +165,12 @@ class TrainConfig:
     def problems(self) -> list[str]:
         p: list[str] = []
         _positive(p, self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
-                  "log_every", "restart_period", "eps")
+                  "log_every", "restart_period", "eps", "muon_lr")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            p.append(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.optimizer == "muon" and self.precision == "fp16":
+            p.append("optimizer muon does not run with precision fp16 (its gradient scaler steps one "
+                     "optimizer); use bf16 or fp32")
         _positive(p, self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_every",
                   "max_skipped", "threads", allow_zero=True)
         if self.min_lr > self.lr:

@@ -34,9 +34,10 @@ from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import SINGLE, Parallel
 from .ema import EMA
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .fileio import check_writable, remove_stale_temps
 from .model import lm_loss
+from .optim import build_optimizer  # noqa: F401  (re-exported: benchmarks and tests build it from here)
 from .precision import autocast, resolve_precision
 from .schedule import decay_start, lr_at
 
@@ -68,18 +69,6 @@ class TrainResult:
         return not self.interrupted
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices (dim >= 2) decay, norms and biases do not."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type in ("cuda", "cpu"))
-
-
 def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -105,17 +94,17 @@ def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.d
     was_training = model.training
     model.eval()
     count_fn = count or _target_tokens
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0   # summed on the device: one sync
     try:
         with torch.no_grad():
             for b in batches:
+                count += count_fn(b[1])                   # on the batch as given (the CPU): no device sync
                 x, y, kw = _unpack(b, device)
                 with autocast(device, precision):
-                    total += loss_fn(model, x, y, kw).item()
-                count += count_fn(y)
+                    total += loss_fn(model, x, y, kw).double()
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def accumulate_gradients(model: nn.Module, micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]], *,
@@ -478,6 +467,9 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model.train()
+    if cfg.optimizer == "muon" and par.sharded:
+        raise ConfigError("optimizer muon needs whole weight matrices, which FSDP shards; use distributed."
+                          "strategy: ddp with it, or optimizer: adamw")
     net = par.wrap(model)         # forward/backward go through it; FSDP2 shards ``model`` in place
     optimizer = build_optimizer(model, cfg, device)
     ckpts = _Checkpoints(out_dir, model, optimizer, EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
@@ -500,9 +492,11 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
         while state.step < cfg.max_steps:
             lr = lr_at(state.step, cfg)
             for g in optimizer.param_groups:
-                g["lr"] = lr
-            micro = [_unpack(data.batch(state.step, m), device) for m in par.micro_indices(cfg.grad_accum)]
-            loss, stopping = _gradients(net, micro, par, device=device, precision=precision, count=count,
+                g["lr"] = lr * g.get("lr_scale", 1.0)          # Muon's groups run at muon_lr / lr of it
+            given = [data.batch(state.step, m) for m in par.micro_indices(cfg.grad_accum)]
+            n_local = sum((count or _target_tokens)(b[1]) for b in given)     # counted before the copy
+            micro = [_unpack(b, device) for b in given]
+            loss, stopping = _gradients(net, micro, par, device=device, precision=precision, n_local=n_local,
                                         scaler=ckpts.scaler, loss_fn=loss_fn, stop=stop.signum is not None)
             norm = _clip(optimizer, ckpts.scaler, params, cfg.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(norm)) and ckpts.scaler is None:
@@ -544,11 +538,11 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
                        seconds=time.perf_counter() - t_start)
 
 
-def _gradients(net: nn.Module, micro: list, par: Parallel, *, stop: bool,
-               count: Callable[[torch.Tensor], int] | None = None, **kw: Any) -> tuple[float, bool]:
+def _gradients(net: nn.Module, micro: list, par: Parallel, *, stop: bool, n_local: int,
+               **kw: Any) -> tuple[float, bool]:
     """One step's backward over this rank's micro-batches: the global batch's mean token loss, and
     whether any rank was asked to stop (SIGINT/SIGTERM), decided by all ranks together."""
-    n_targets = int(par.sum([count_targets(micro, count)])[0])
+    n_targets = int(par.sum([n_local])[0])
     loss = accumulate_gradients(net, micro, n_targets=n_targets, no_sync=par.no_sync(net), **kw).item()
     loss, stops = par.sum([loss, float(stop)])
     return loss, stops > 0

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import harness, report  # noqa: E402
 from benchmarks.harness import Context, Shape, alternate, build_model, matmul_params, median_ratio  # noqa: E402
 from benchmarks.run import main, parse_rows  # noqa: E402
-ROW_KEYS = ["training", "utilisation", "generation", "finetune", "quality"]
+ROW_KEYS = ["training", "utilisation", "generation", "finetune", "quality", "speedrun"]
 
 
 def run_quick(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def quick_results(tmp_path_factory, request):
     text = tmp / "shakespeare.txt"
     from pydoc_data.topics import topics  # real English text; the suite never needs ../shared
     text.write_text("\n".join(topics[k] for k in sorted(topics))[:120_000], encoding="utf-8")
-    proc = run_quick(tmp, "--rows", "1,2,3,4,5", "--shakespeare", str(text))
+    proc = run_quick(tmp, "--rows", "1,2,3,4,5,9", "--shakespeare", str(text))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((tmp / "r.json").read_text()), (tmp / "r.md").read_text()
 
@@ -84,6 +84,11 @@ def test_quick_run_compares_against_the_baselines(quick_results):
                         for ln in util), util
     quality = rows["quality"]["lines"][0]
     assert 0 < quality["minilm"] < math.log(quality["vocab_size"])      # it learned: better than uniform
+    speed = {ln["case"].split(":")[0]: ln for ln in rows["speedrun"]["lines"]}
+    assert set(speed) == {"defaults", "muon"}               # --quick: two levers, one seed, 30 steps
+    for ln in speed.values():        # the clock stopped at the one evaluation (step 30), under the loss
+        assert ln["steps_reached"] == [30] and 0 < ln["minilm"] <= ln["wall_s_mean"]
+        assert 0 < ln["final_val_loss_mean"] < math.log(quality["vocab_size"])
 
 
 def test_markdown_table_is_written(quick_results):

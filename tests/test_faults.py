@@ -43,13 +43,15 @@ pytestmark = pytest.mark.slow
 
 # room after the last interruption: a tiny model in bf16 runs a step in a few ms, so a signal sent 50 ms
 # after a save can land tens of steps later
-PRETRAIN_STEPS, SFT_STEPS = 100, 60
+PRETRAIN_STEPS, SFT_STEPS, DPO_STEPS = 100, 60, 60
 FAULT = merge(TINY, {
     "data": {"corpus": "corpus_src.txt"},
     # `last` at every evaluation (10, 20, ...); one thread each, so two runs share the 2 cores
     "pretrain": {"max_steps": PRETRAIN_STEPS, "eval_every": 10, "log_every": 5, "save_every": 0,
                  "threads": 1},
     "sft": {"max_steps": SFT_STEPS, "eval_every": 10, "log_every": 5, "save_every": 0, "threads": 1},
+    "dpo": {"max_steps": DPO_STEPS, "eval_every": 10, "log_every": 5, "save_every": 0, "threads": 1,
+            "lora_dropout": 0.1},               # dropout: the resumed run must restore the RNG too
 })
 
 
@@ -237,6 +239,26 @@ def sft_runs(pretrain_runs, tmp_path_factory):
     return ref, chain, stops
 
 
+@pytest.fixture(scope="module")
+def dpo_runs(sft_runs, tmp_path_factory):
+    ref_sft = sft_runs[0]
+    for name in ("merge", "preferences"):
+        stage(ref_sft, name)
+    base = tmp_path_factory.mktemp("dpo")
+    ref, chain = copy_repo(ref_sft, base / "ref"), copy_repo(ref_sft, base / "chain")
+    ref_proc, _, ref_err = start_stage(ref, "dpo", "uninterrupted")
+    try:
+        stops = [
+            interrupt(chain, "dpo", signal.SIGKILL, after_step=10),
+            interrupt(chain, "dpo", signal.SIGTERM, after_step=20, delay=0.05),
+        ]
+        stage(chain, "dpo")
+    finally:
+        ref_proc.wait(timeout=600)
+    assert ref_proc.returncode == 0, ref_err.read_text()[-3000:]
+    return ref, chain, stops
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. kill and resume
 
@@ -284,6 +306,16 @@ def test_sft_killed_and_resumed_equals_the_uninterrupted_run(sft_runs):
                  ref / "out/sft/tuned/adapter_model.safetensors")
 
 
+def test_dpo_killed_and_resumed_equals_the_uninterrupted_run(dpo_runs):
+    """DPO through the stage: killed (SIGKILL, then SIGTERM) and rerun, it ends bit-identical to a run
+    never stopped: checkpoints, the PEFT adapter, the merged model, every logged figure."""
+    ref, chain, stops = dpo_runs
+    _check_resume(ref, chain, "dpo", stops, DPO_STEPS)
+    for rel in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        same_tensors(chain / "out/dpo" / rel, ref / "out/dpo" / rel)
+    assert "rewards/margins" in history(chain / "out/dpo/history.csv")[0]
+
+
 def test_sigint_saves_last_before_exiting(sft_runs):
     stop = sft_runs[2][-1]
     assert stop.rc == 130, stop.stderr[-2000:]
@@ -291,10 +323,10 @@ def test_sigint_saves_last_before_exiting(sft_runs):
     assert m and stop.saved_step == int(m.group(1)) >= stop.seen_step >= 20, stop.stdout
 
 
-@pytest.mark.parametrize("name", ["pretrain", "sft"])
+@pytest.mark.parametrize("name", ["pretrain", "sft", "dpo"])
 def test_resumed_stage_continues_one_mlflow_run_without_duplicate_or_missing_steps(name, request):
     ref, chain, _ = request.getfixturevalue(f"{name}_runs")
-    steps = PRETRAIN_STEPS if name == "pretrain" else SFT_STEPS
+    steps = {"pretrain": PRETRAIN_STEPS, "sft": SFT_STEPS, "dpo": DPO_STEPS}[name]
     run_id, hist = mlflow_history(chain, name, "train_loss")
     _, hist_ref = mlflow_history(ref, name, "train_loss")
     assert [s for s, _ in hist] == list(range(5, steps + 1, 5))        # no duplicates, no gaps
