@@ -168,9 +168,6 @@ class TrainConfig:
                   "log_every", "restart_period", "eps", "muon_lr")
         if not 0.0 <= self.muon_momentum < 1.0:
             p.append(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
-        if self.optimizer == "muon" and self.precision == "fp16":
-            p.append("optimizer muon does not run with precision fp16 (its gradient scaler steps one "
-                     "optimizer); use bf16 or fp32")
         _positive(p, self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_every",
                   "max_skipped", "threads", allow_zero=True)
         if self.min_lr > self.lr:

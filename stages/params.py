@@ -222,6 +222,12 @@ def cross_section_problems(built: dict[str, Any]) -> list[str]:
                         f"{serve.device!r}")
     if "lora" in built:
         problems += _lora_target_problems(built["lora"], model)
+    dist = built.get("distributed")
+    if dist is not None and dist.strategy == "fsdp":
+        for name in ("pretrain", "sft", "dpo"):
+            if name in built and built[name].optimizer == "muon":
+                problems.append(f"{name}.optimizer muon needs whole weight matrices, which distributed.strategy "
+                                f"fsdp shards; use strategy ddp, or set {name}.optimizer: adamw")
     if "dpo" in built:
         dpo = built["dpo"]
         problems += [p.replace("lora.targets", "dpo.lora_targets", 1)

@@ -316,6 +316,9 @@ CASES = {
     "preferences-binary-file": Case(
         "preferences", file("prefs.jsonl", bytes(range(256)) * 40, {"preferences": {"source": "prefs.jsonl"}}),
         ("prefs.jsonl", "preferences.source")),
+    "muon-under-fsdp": Case("encode", params({"distributed": {"strategy": "fsdp"}}),
+                            ("pretrain.optimizer muon needs whole weight matrices, which distributed.strategy "
+                             "fsdp shards; use strategy ddp, or set pretrain.optimizer: adamw",)),
     "tokenizer-path-missing": Case("tokenizer", params({"tokenizer": {"path": "init/tokenizer.model"}}),
                                    ("tokenizer.path init/tokenizer.model is not a file; point it at a "
                                     "SentencePiece tokenizer.model",)),

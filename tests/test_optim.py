@@ -90,5 +90,3 @@ def test_muon_settings_are_validated():
         build(TrainConfig, {"optimizer": "sgd"}, "pretrain")
     with pytest.raises(ConfigError, match=r"pretrain.muon_momentum must be in \[0, 1\), got 1.0"):
         build(TrainConfig, {"muon_momentum": 1.0}, "pretrain")
-    with pytest.raises(ConfigError, match=r"optimizer muon does not run with precision fp16"):
-        build(TrainConfig, {"optimizer": "muon", "precision": "fp16"}, "pretrain")
