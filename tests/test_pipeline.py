@@ -143,7 +143,7 @@ def test_metrics_are_sane_and_shown_by_dvc(repo):
     # fine-tuning on the template lowers the held-out response loss
     assert m["sft"]["sft_val_responses"]["loss"] < m["base"]["sft_val_responses"]["loss"]
     merge = json.loads((repo / "out/merge/metrics.json").read_text())
-    assert merge["max_abs_logit_diff"] < 1e-4          # fp32 rounding (README: 1.1e-5 on the default run)
+    assert merge["max_abs_logit_diff"] < 1e-4          # fp32 rounding (README: 1.7e-5 on the default run)
     assert merge_changed_the_base(repo)                 # ...and not because the adapter was a no-op
     shown = json.dumps(json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout))
     assert "sft_val_responses" in shown and "max_abs_logit_diff" in shown
