@@ -335,14 +335,14 @@ CASES = {
                                      "rerun the stage that trains it (e.g. `dvc repro pretrain`)")),
     # ---- training numerics (lr 1000 blows the weights up within a few steps)
     "non-finite-loss": Case(
-        "pretrain", params({"pretrain": {"lr": 1000.0, "warmup_steps": 0, "save_every": 1,
-                                         "eval_every": 100}}),
+        "pretrain", params({"pretrain": {"lr": 1000.0, "warmup_steps": 0, "save_every": 1,   # AdamW on every
+                                         "eval_every": 100, "optimizer": "adamw"}}),   # weight: it diverges
         ("non-finite", "at step", "last good checkpoint (last.safetensors) was kept", "lr too high (1000.0)",
          "fp16 overflow", "nonfinite: skip"),
         may_change=("out/pretrain/last.safetensors",), check=kept_last_good(1)),
     "non-finite-skip-limit": Case(
         "pretrain", params({"pretrain": {"lr": 1000.0, "warmup_steps": 0, "save_every": 1, "eval_every": 100,
-                                         "nonfinite": "skip", "max_skipped": 2}}),
+                                         "nonfinite": "skip", "max_skipped": 2, "optimizer": "adamw"}}),
         ("3 non-finite steps (more than max_skipped=2)", "lower lr"),
         may_change=("out/pretrain/last.safetensors",), check=kept_last_good(3)),
 }
@@ -599,7 +599,7 @@ def test_bad_records_skip_policy_counts_what_it_skipped(repo):
 
 def test_nonfinite_skip_policy_counts_skipped_steps(repo):
     set_params(repo, {"pretrain": {"lr": 1000.0, "warmup_steps": 0, "eval_every": 100, "max_steps": 8,
-                                   "nonfinite": "skip", "max_skipped": 100}})
+                                   "nonfinite": "skip", "max_skipped": 100, "optimizer": "adamw"}})
     proc = stage(repo, "pretrain")
     metrics = json.loads((repo / "out/pretrain/metrics.json").read_text())
     assert metrics["steps"] == 8 and 0 < metrics["skipped_steps"] < 8, metrics

@@ -120,9 +120,10 @@ def test_missing_corpus_skips_quality_row_and_keeps_earlier_rows(tmp_path, capsy
 def test_rows_argument():
     assert parse_rows("1,3") == [1, 3]
     assert parse_rows("quality, 2") == [2, 5]
+    assert parse_rows("speedrun") == [9]
     import argparse
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown row '9'"):
-        parse_rows("9")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown row '10'"):
+        parse_rows("10")
 
 
 def test_alternate_rotates_the_order_and_times_every_round():
