@@ -73,8 +73,8 @@ def one_run(train_ids, val_ids, vocab: int, work: Path, seed: int, lever: str, s
     t0 = time.perf_counter()
     clock = _Clock(t0, target)
     model = GPT(mcfg)
-    result = train(model, data, tcfg, out_dir=work / f"{lever}-{seed}", eval_batches=val.eval_batches(20),
-                   logger=clock, progress=False, resume=False)
+    train(model, data, tcfg, out_dir=work / f"{lever}-{seed}", eval_batches=val.eval_batches(20),
+          logger=clock, progress=False, resume=False)
     wall = time.perf_counter() - t0
     precision = resolve_precision(tcfg.precision, torch.device("cpu"))
     if tcfg.ema_decay > 0:                       # evaluate the final averaged weights

@@ -34,6 +34,7 @@ from torch import nn
 from .config import DPOConfig
 from .errors import ConfigError, DataError
 from .lora import adapters_disabled
+from .model import lm_loss
 from .sft import IGNORE, SFTBatches, SFTExamples, collate
 from .tokenizer import Tokenizer
 
@@ -150,8 +151,7 @@ def eval_pair_batches(examples: PreferenceExamples, batch_size: int) -> list[tup
 
 def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's targets, how many targets) in fp32; -100 is skipped."""
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
-                          reduction="none").view(y.shape)
+    nll = lm_loss(logits, y, reduction="none").view(y.shape)       # 0 where the target is -100
     return -nll.sum(-1), (y != IGNORE).sum(-1)
 
 

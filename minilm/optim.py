@@ -26,10 +26,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     fused = device.type in ("cuda", "cpu")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer == "muon":
-        hidden = [p for n, p in named if p.dim() == 2 and ".layers." in f".{n}"]
+        hidden = {n: p for n, p in named if p.dim() == 2 and ".layers." in f".{n}"}
         if hidden:
-            rest = [(n, p) for n, p in named if not any(p is h for h in hidden)]
-            return MuonAdamW(hidden, _adamw_groups(rest, cfg), cfg, fused=fused)
+            rest = [(n, p) for n, p in named if n not in hidden]
+            return MuonAdamW(list(hidden.values()), _adamw_groups(rest, cfg), cfg, fused=fused)
     return torch.optim.AdamW(_adamw_groups(named, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused)
 

@@ -137,17 +137,16 @@ def _target_tokens(y: torch.Tensor) -> int:
     return int((y != -100).sum())
 
 
-def count_targets(micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]],
-                  count: Callable[[torch.Tensor], int] | None = None) -> int:
-    """What the step's loss is divided by: target tokens, or an objective's units (``count(y)``)."""
-    return sum((count or _target_tokens)(y) for _, y, _ in micro)
+def count_targets(micro: Sequence[tuple[torch.Tensor, torch.Tensor, dict]]) -> int:
+    return sum(_target_tokens(y) for _, y, _ in micro)
 
 
 class Objective(Protocol):
     """Another loss for the one loop (e.g. :class:`minilm.dpo.DPOObjective`): called like
     :func:`token_loss_sum`, it returns the batch's summed loss, ``count(y)`` the units it summed over,
     and ``metrics(training, reduce)`` the figures it gathered since last asked (``reduce`` sums a list over
-    data-parallel ranks), added to the logged train and validation rows."""
+    data-parallel ranks), added to the logged train and validation rows. An objective that gathers figures
+    across steps may add ``state_dict()``/``load_state_dict()``: ``last`` then carries them."""
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor: ...
 
@@ -483,7 +482,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     state = (ckpts.restore(cfg) if resume else None) or TrainState()
     resumed_from, meter = state.step, _Meter(state, logger, tokens_per_batch, par, objective)
     loss_fn = objective or (torch.compile(token_loss_sum) if cfg.compile else token_loss_sum)
-    count = objective.count if objective is not None else None
+    count = objective.count if objective is not None else _target_tokens     # what a step's loss divides by
     params = [p for p in model.parameters() if p.requires_grad]
     swap_ema = ckpts.ema is not None and cfg.ema_for_eval
     bar, t_start, interrupted = (_Progress(progress and par.is_main, state.step, cfg.max_steps),
@@ -494,7 +493,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)          # Muon's groups run at muon_lr / lr of it
             given = [data.batch(state.step, m) for m in par.micro_indices(cfg.grad_accum)]
-            n_local = sum((count or _target_tokens)(b[1]) for b in given)     # counted before the copy
+            n_local = sum(count(b[1]) for b in given)          # counted on the batch given, before the copy
             micro = [_unpack(b, device) for b in given]
             loss, stopping = _gradients(net, micro, par, device=device, precision=precision, n_local=n_local,
                                         scaler=ckpts.scaler, loss_fn=loss_fn, stop=stop.signum is not None)

@@ -221,22 +221,27 @@ def pretrain_runs(prepared, tmp_path_factory):
     return ref, chain, stops
 
 
-@pytest.fixture(scope="module")
-def sft_runs(pretrain_runs, tmp_path_factory):
-    ref_pre = pretrain_runs[0]
-    base = tmp_path_factory.mktemp("sft")
-    ref, chain = copy_repo(ref_pre, base / "ref"), copy_repo(ref_pre, base / "chain")
-    ref_proc, _, ref_err = start_stage(ref, "sft", "uninterrupted")
+def stopped_and_rerun(source: Path, base: Path, name: str, second: int) -> tuple[Path, Path, list[Stop]]:
+    """(uninterrupted repo, interrupted-and-rerun repo, [Stop, ...]) for stage ``name``, both copied from
+    ``source``: the chain is killed (SIGKILL) after its first `last`, stopped with ``second`` between
+    saves, then rerun to the end while the reference runs alongside."""
+    ref, chain = copy_repo(source, base / "ref"), copy_repo(source, base / "chain")
+    ref_proc, _, ref_err = start_stage(ref, name, "uninterrupted")
     try:
         stops = [
-            interrupt(chain, "sft", signal.SIGKILL, after_step=10),
-            interrupt(chain, "sft", signal.SIGINT, after_step=20, delay=0.05),
+            interrupt(chain, name, signal.SIGKILL, after_step=10),
+            interrupt(chain, name, second, after_step=20, delay=0.05),
         ]
-        stage(chain, "sft")
+        stage(chain, name)
     finally:
         ref_proc.wait(timeout=600)
     assert ref_proc.returncode == 0, ref_err.read_text()[-3000:]
     return ref, chain, stops
+
+
+@pytest.fixture(scope="module")
+def sft_runs(pretrain_runs, tmp_path_factory):
+    return stopped_and_rerun(pretrain_runs[0], tmp_path_factory.mktemp("sft"), "sft", signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -244,19 +249,7 @@ def dpo_runs(sft_runs, tmp_path_factory):
     ref_sft = sft_runs[0]
     for name in ("merge", "preferences"):
         stage(ref_sft, name)
-    base = tmp_path_factory.mktemp("dpo")
-    ref, chain = copy_repo(ref_sft, base / "ref"), copy_repo(ref_sft, base / "chain")
-    ref_proc, _, ref_err = start_stage(ref, "dpo", "uninterrupted")
-    try:
-        stops = [
-            interrupt(chain, "dpo", signal.SIGKILL, after_step=10),
-            interrupt(chain, "dpo", signal.SIGTERM, after_step=20, delay=0.05),
-        ]
-        stage(chain, "dpo")
-    finally:
-        ref_proc.wait(timeout=600)
-    assert ref_proc.returncode == 0, ref_err.read_text()[-3000:]
-    return ref, chain, stops
+    return stopped_and_rerun(ref_sft, tmp_path_factory.mktemp("dpo"), "dpo", signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------------------------------
