@@ -109,9 +109,26 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, step: int = 0,
                     extra: dict[str, Any] | None = None,
                     state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint atomically. ``state`` overrides the weights taken from ``model``."""
-    from safetensors.torch import save_file
+    tensors, meta = checkpoint_contents(model, step=step, config=config, optimizer=optimizer,
+                                        ema_state=ema_state, rng=rng, extra=extra, state=state)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors that share memory: give each its own storage
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[k] = v.clone()
+        seen.add(ptr)
+    return write_checkpoint(path, tensors, meta)
 
-    path = Path(path)
+
+def checkpoint_contents(model: nn.Module, *, step: int = 0, config: dict[str, Any] | None = None,
+                        optimizer: torch.optim.Optimizer | None = None,
+                        ema_state: dict[str, torch.Tensor] | None = None, rng: bool = False,
+                        extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What :func:`save_checkpoint` writes: the named tensors (live ones, on their devices, not copied)
+    and the metadata (without its checksum, which :func:`write_checkpoint` adds)."""
     base = unwrap_compiled(model)
     weights = state if state is not None else model_state(base)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in weights.items()}
@@ -128,14 +145,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, step: int = 0,
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = s
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    # safetensors refuses tensors that share memory: give each its own storage
-    seen: set[int] = set()
-    for k, v in tensors.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen:
-            tensors[k] = v.clone()
-        seen.add(ptr)
+    return tensors, meta
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Hash ``tensors`` (contiguous CPU tensors with storages of their own) into ``meta`` and write both
+    atomically (temporary file, fsync, rename): a crash leaves the previous file whole. Safe to call from
+    a background thread (:mod:`minilm.ckptwriter`) on tensors no one else writes to meanwhile."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
     meta["tensors_sha256"] = tensors_digest(tensors)
     tmp = temp_path_beside(path)
     try:

@@ -5,6 +5,8 @@
 of the file's bytes, cut at a line boundary, become the training split and the rest the validation split.
 Each line (with its ``"\\n"``) is encoded on its own, so the tokens never depend on how the file was read
 (a special token with a newline inside it, not at its end, is therefore never matched in a corpus).
+With ``workers`` > 1 the chunks are encoded in worker processes (:mod:`minilm.encoding`) and written in
+order: the files are byte-identical for any worker count, and memory stays bounded by the chunks in flight.
 
 :class:`LMBatches` samples random windows from a token array (a read-only memmap from
 :func:`load_tokens`) without loading it; a batch depends only on ``(seed, step, micro)``.
@@ -12,11 +14,14 @@ Each line (with its ``"\\n"``) is encoded on its own, so the tokens never depend
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
-import itertools
 import json
 import os
+import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -25,8 +30,10 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
+from .encoding import BAD_UTF8, WorkerPool, can_share, encode_lines, resolve_workers
 from .errors import ConfigError, DataError
 from .fileio import _io_error, atomic_replace, remove_stale_temps, temp_path_beside, write_json
+from .prefetch import pure_batches
 from .tokenizer import Tokenizer
 
 FORMAT = "minilm-tokens"
@@ -46,11 +53,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
                   val_fraction: float, invalid_utf8: Literal["error", "replace"] = "error",
-                  chunk_bytes: int = 1 << 20, progress: bool = True) -> dict[str, Any]:
+                  chunk_bytes: int = 1 << 20, progress: bool = True, workers: int = 1) -> dict[str, Any]:
     """Encode ``text_path`` into ``out_dir/{train.bin, val.bin, meta.json}`` and return the meta dict.
 
-    ``invalid_utf8="replace"`` turns undecodable bytes into U+FFFD instead of failing. Files are written
-    atomically; on any error the previous outputs are left as they were.
+    ``invalid_utf8="replace"`` turns undecodable bytes into U+FFFD instead of failing. ``workers`` > 1
+    encodes chunks of ``chunk_bytes`` in that many worker processes (0 = one per core; see
+    :mod:`minilm.encoding`); the files are byte-identical for any count. Memory stays bounded by about
+    ``workers * chunk_bytes`` whatever the corpus size. Files are written atomically; on any error the
+    previous outputs are left as they were.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -58,6 +68,7 @@ def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: s
         raise ConfigError(f"invalid_utf8 must be 'error' or 'replace', got {invalid_utf8!r}")
     if chunk_bytes <= 0:
         raise ConfigError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    n_workers = resolve_workers(workers)
     path = Path(text_path)
     if not path.is_file():
         raise DataError(f"corpus {path} not found; create it or fix the corpus path")
@@ -76,22 +87,12 @@ def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: s
                             "split would be empty (no line boundary to cut at); add more lines of text or "
                             "raise val_fraction")
         encoder = _RangeEncoder(fh, tokenizer, dtype, invalid_utf8, chunk_bytes, path)
-        temps = {name: temp_path_beside(out_dir / f"{name}.bin") for name in SPLITS}
-        tokens = {}
-        try:
-            with _byte_progress(size, progress) as bar:
-                encoder.bar = bar
-                for name, (start, end) in zip(SPLITS, ((0, split), (split, size))):
-                    try:
-                        with open(temps[name], "wb") as out:
-                            tokens[name] = encoder.encode(start, end, out)
-                    except OSError as err:      # full disk, file-size limit: one line, old files kept
-                        raise _io_error(out_dir / f"{name}.bin", err) from None
-            for name in SPLITS:
-                atomic_replace(temps[name], out_dir / f"{name}.bin")
-        finally:
-            for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
+        n_workers = min(n_workers, -(-size // chunk_bytes))       # no more workers than chunks
+        pool = (WorkerPool(tokenizer, dtype, encoder.errors, n_workers)
+                if n_workers > 1 and can_share(tokenizer) else contextlib.nullcontext())
+        with pool, _byte_progress(size, progress) as bar:
+            encoder.pool, encoder.bar = pool, bar
+            tokens = _encode_splits(encoder, ((0, split), (split, size)), out_dir)
 
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
             "tokens": tokens, "bytes": {"train": split, "val": size - split},
@@ -99,6 +100,25 @@ def encode_corpus(text_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: s
             "val_fraction": val_fraction}
     write_json(out_dir / "meta.json", meta)
     return meta
+
+
+def _encode_splits(encoder: _RangeEncoder, ranges: Any, out_dir: Path) -> dict[str, int]:
+    """Encode each split's byte range into a temp file, then move both into place; the token counts."""
+    temps = {name: temp_path_beside(out_dir / f"{name}.bin") for name in SPLITS}
+    tokens = {}
+    try:
+        for name, (start, end) in zip(SPLITS, ranges):
+            try:
+                with open(temps[name], "wb") as out:
+                    tokens[name] = encoder.encode(start, end, out)
+            except OSError as err:      # full disk, file-size limit: one line, old files kept
+                raise _io_error(out_dir / f"{name}.bin", err) from None
+        for name in SPLITS:
+            atomic_replace(temps[name], out_dir / f"{name}.bin")
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return tokens
 
 
 class _Lines:
@@ -152,7 +172,8 @@ def _split_offset(fh: IO[bytes], size: int, val_fraction: float) -> int | None:
 
 
 class _RangeEncoder:
-    """Encodes byte ranges of one open file, a chunk of whole lines at a time, hashing what it reads."""
+    """Encodes byte ranges of one open file, a chunk of whole lines at a time, hashing what it reads;
+    in this process, or in a :class:`~minilm.encoding.WorkerPool`'s processes (``pool``), in order."""
 
     def __init__(self, fh: IO[bytes], tokenizer: Tokenizer, dtype: np.dtype, invalid_utf8: str,
                  chunk_bytes: int, path: Path):
@@ -161,21 +182,41 @@ class _RangeEncoder:
         self.chunk_bytes, self.path = chunk_bytes, path
         self.sha256 = hashlib.sha256()
         self.bar: Any = None
-        self.lines = 0  # newlines before the current chunk (for error messages)
+        self.pool: Any = None
+        self.lines = 0  # newlines before the next chunk to write (for error messages)
 
     def encode(self, start: int, end: int, out: IO[bytes]) -> int:
         """Encode bytes [start, end) (which starts at a line start) into ``out``; return the token count."""
+        pool = self.pool if isinstance(self.pool, WorkerPool) else None
+        n_tokens = 0
+        sent: collections.deque[tuple[int, int, int]] = collections.deque()  # (offset, bytes, newlines)
+        for chunk, offset in self._chunks(start, end):
+            if pool is None:
+                try:
+                    data = encode_lines(self.tokenizer, chunk, self.errors, self.dtype)
+                except UnicodeDecodeError as err:
+                    raise self._bad_utf8(offset + err.start, chunk.count(b"\n", 0, err.start)) from None
+                n_tokens += self._write(data, len(chunk), chunk.count(b"\n"), out)
+                continue
+            if pool.in_flight == pool.capacity:
+                n_tokens += self._collect(pool, sent.popleft(), out)
+            pool.send(chunk)
+            sent.append((offset, len(chunk), chunk.count(b"\n")))
+        while sent:
+            n_tokens += self._collect(pool, sent.popleft(), out)
+        return n_tokens
+
+    def _chunks(self, start: int, end: int) -> Iterator[tuple[bytes, int]]:
+        """``(chunk, offset)``: bytes [start, end) in chunks of whole lines (the last may lack its "\\n")."""
         self.fh.seek(start)
-        pos, n_tokens = start, 0
+        pos = chunk_start = start
         pending: list[bytes] = []  # pieces of a line not yet ended
-        chunk_start = start
         while pos < end:
             block = self.fh.read(min(self.chunk_bytes, end - pos))
             if not block:
                 raise DataError(f"corpus {self.path} shrank while it was being read; do not edit it "
                                 "during encoding and run again")
             self.sha256.update(block)
-            self.bar.update(len(block))
             pos += len(block)
             cut = len(block) if pos == end else block.rfind(b"\n") + 1
             if cut == 0:  # no line ends in this block: keep reading
@@ -183,34 +224,30 @@ class _RangeEncoder:
                 continue
             chunk = b"".join(pending + [block[:cut]])
             pending = [block[cut:]] if cut < len(block) else []
-            n_tokens += self._encode_chunk(chunk, chunk_start, out)
+            yield chunk, chunk_start
             chunk_start += len(chunk)
-        return n_tokens
 
-    def _encode_chunk(self, chunk: bytes, offset: int, out: IO[bytes]) -> int:
-        try:
-            text = chunk.decode("utf-8", errors=self.errors)
-        except UnicodeDecodeError as err:
-            line = self.lines + chunk.count(b"\n", 0, err.start) + 1
-            raise DataError(f"corpus {self.path} is not valid UTF-8 at byte {offset + err.start} (line "
-                            f"{line}); re-save it as UTF-8, or set encode.invalid_utf8: replace to turn "
-                            "bad bytes into U+FFFD") from None
-        self.lines += chunk.count(b"\n")
-        ids = self.tokenizer.encode_batch(_lines(text))
-        count = sum(map(len, ids))
+    def _collect(self, pool: WorkerPool, chunk: tuple[int, int, int], out: IO[bytes]) -> int:
+        offset, n_bytes, newlines = chunk
+        status, body = pool.receive()
+        if status == BAD_UTF8:
+            at, before = struct.unpack("<QQ", body)
+            raise self._bad_utf8(offset + at, before)
+        return self._write(body, n_bytes, newlines, out)
+
+    def _write(self, data: bytes, n_bytes: int, newlines: int, out: IO[bytes]) -> int:
         # file.write, not ndarray.tofile: a full disk then raises with its errno (tofile reports only a
         # short write)
-        out.write(np.fromiter(itertools.chain.from_iterable(ids), self.dtype, count).tobytes())
-        return count
+        out.write(data)
+        self.lines += newlines
+        self.bar.update(n_bytes)
+        return len(data) // self.dtype.itemsize
 
+    def _bad_utf8(self, offset: int, newlines_before: int) -> DataError:
+        return DataError(f"corpus {self.path} is not valid UTF-8 at byte {offset} (line "
+                         f"{self.lines + newlines_before + 1}); re-save it as UTF-8, or set "
+                         "encode.invalid_utf8: replace to turn bad bytes into U+FFFD")
 
-def _lines(text: str) -> list[str]:
-    """Split after every ``"\\n"`` only (str.splitlines also splits on \\r, \\x0c, U+2028, ...)."""
-    parts = text.split("\n")
-    lines = [p + "\n" for p in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,19 +322,34 @@ class LMBatches:
         self._windows = sliding_window_view(tokens, context_length + 1)  # (N - T, T + 1), a view
         self.n_windows = len(self._windows)
 
+    @pure_batches
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``x, y`` of shape (B, T), int64, with ``y[:, i] == x[:, i + 1]`` along the source text."""
-        return self._sample(np.random.default_rng(_seed_words(_TRAIN, self.seed, step, micro)))
+        return _split(self._gather(self._train_rng(step, micro)))
+
+    def windows(self, step: int, micro: int = 0) -> torch.Tensor:
+        """The (B, T + 1) windows :meth:`batch` splits into ``x, y``, in the token file's dtype (uint16 or
+        uint32): what crosses to a CUDA device, widened there (:mod:`minilm.prefetch`)."""
+        return torch.from_numpy(self._gather(self._train_rng(step, micro)))
 
     def eval_batches(self, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A fixed list of ``n`` batches (the same for the same ``n``, ``seed`` and data)."""
         rng = np.random.default_rng(_seed_words(_EVAL, seed))
-        return [self._sample(rng) for _ in range(n)]
+        return [_split(self._gather(rng)) for _ in range(n)]
 
-    def _sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = rng.integers(0, self.n_windows, size=self.batch_size)
-        windows = torch.from_numpy(self._windows[starts].astype(np.int64))  # (B, T + 1)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    def _train_rng(self, step: int, micro: int) -> np.random.Generator:
+        return np.random.default_rng(_seed_words(_TRAIN, self.seed, step, micro))
+
+    def _gather(self, rng: np.random.Generator) -> np.ndarray:
+        """(B, T + 1) windows at random starts, in the tokens' dtype."""
+        return np.asarray(self._windows[rng.integers(0, self.n_windows, size=self.batch_size)])
+
+
+def _split(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x, y`` (int64, contiguous) of (B, T + 1) windows."""
+    windows = windows.astype(np.int64)
+    return (torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
+            torch.from_numpy(np.ascontiguousarray(windows[:, 1:])))
 
 
 def _relative(path: str) -> str:

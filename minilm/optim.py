@@ -10,6 +10,7 @@ resume treat it as any other.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,6 +33,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
             return MuonAdamW(list(hidden.values()), _adamw_groups(rest, cfg), cfg, fused=fused)
     return torch.optim.AdamW(_adamw_groups(named, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused)
+
+
+def clip_gradients(params: list[torch.Tensor], grad_clip: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, grad_clip or inf)``, bit for bit, returning the norm before
+    clipping; on CPU it skips the multiply by a clamped coefficient of exactly 1.0 (the norm within
+    ``grad_clip``: an identity pass over every gradient that torch makes only to avoid a device sync)."""
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or grads[0].device.type != "cpu" or any(hasattr(g, "full_tensor") for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)     # CUDA (no sync), FSDP's DTensors
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not bool(max_norm / (norm + 1e-6) >= 1.0):                  # NaN, too: torch multiplies then
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def _adamw_groups(named: list[tuple[str, torch.Tensor]], cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -82,6 +82,32 @@ def check_decode_precision(precision: str, device: torch.device) -> None:
         inference_dtype(precision, device)
 
 
+def uses_tf32(device: torch.device, precision: str) -> bool:
+    """Whether float32 matmuls should run on TF32 tensor cores: on CUDA when the resolved precision is
+    fp32 (under bf16/fp16 autocast the matmuls are already half precision). TF32 keeps fp32's range and
+    a 10-bit mantissa, accumulates in fp32, and runs fp32 matmuls several times faster on Ampere and
+    later; CPU arithmetic is never changed."""
+    return device.type == "cuda" and precision == "fp32"
+
+
+def set_matmul_precision(device: torch.device, precision: str) -> bool:
+    """Allow TF32 for CUDA float32 matmuls (cuBLAS) and convolutions (cuDNN) when :func:`uses_tf32`
+    says so (a process-wide setting; nothing is changed otherwise). Returns whether TF32 is on.
+
+    The per-backend flags, not ``torch.set_float32_matmul_precision``: that one also switches oneDNN's
+    CPU matmuls, and the newer ``fp32_precision`` attributes, set for CUDA alone, make
+    ``torch.get_float32_matmul_precision()`` (which inductor calls) raise."""
+    if uses_tf32(device, precision):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return tf32_enabled()
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA float32 matmuls in this process may use TF32 (False without CUDA)."""
+    return torch.cuda.is_available() and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import DEFAULT_TEMPLATE, SFTConfig, template_problems  # noqa: F401  (re-exported)
 from .errors import ConfigError, DataError
+from .prefetch import pure_batches
 from .tokenizer import Tokenizer
 from .train import evaluate_loss
 
@@ -193,6 +194,7 @@ class SFTBatches:
         epoch, j = divmod(step * self.grad_accum + micro, self.batches_per_epoch)
         return self._plan(epoch)[j]
 
+    @pure_batches                    # drawn a step ahead, off the training thread (minilm.prefetch)
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return collate(self.examples, self.indices(step, micro), self.pad_id)
 

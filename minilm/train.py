@@ -11,7 +11,8 @@ scaler, torch RNG state, history and best-so-far. A run continued from ``last`` 
 as one that was never interrupted (bit-identical on CPU). On resume the history held by ``last`` is
 replayed to the logger (a resumed MLflow run skips the steps it already has), so metrics a killed process
 never sent are not lost. The output directory is checked writable before the first step, and temporary
-files a killed save left behind are removed.
+files a killed save left behind are removed. Checkpoints are copied and then written in a background
+thread (:mod:`minilm.ckptwriter`); every way out of :func:`train` waits for them.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
+from .ckptwriter import CheckpointWriter
 from .config import TrainConfig
 from .distributed import SINGLE, Parallel
 from .ema import EMA
 from .errors import ConfigError, TrainingError
 from .fileio import check_writable, remove_stale_temps
 from .model import lm_loss
-from .optim import build_optimizer  # noqa: F401  (re-exported: benchmarks and tests build it from here)
-from .precision import autocast, resolve_precision
+from .optim import build_optimizer, clip_gradients  # noqa: F401  (re-exported: benchmarks and tests use them)
+from .precision import autocast, resolve_precision, set_matmul_precision
+from .prefetch import StepBatches, to_device
 from .schedule import decay_start, lr_at
 
 Batch = Sequence[Any]  # (x, y) or (x, y, forward_kwargs)
@@ -63,6 +66,7 @@ class TrainResult:
     skipped_steps: int = 0          # non-finite steps skipped (nonfinite: skip)
     interrupted: bool = False       # stopped early by SIGINT/SIGTERM (``last`` was saved)
     seconds: float = 0.0            # wall time of this invocation's training loop
+    tf32: bool = False              # CUDA fp32 matmuls ran on TF32 tensor cores (precision fp32 on CUDA)
 
     @property
     def completed(self) -> bool:
@@ -92,6 +96,7 @@ def evaluate_loss(model: nn.Module, batches: Sequence[Batch], *, device: torch.d
     """Mean loss per counted unit over a fixed set of batches: per target token by default (targets
     of -100 are ignored), per ``count(y)`` otherwise (an objective's units, e.g. DPO's pairs)."""
     was_training = model.training
+    set_matmul_precision(device, precision)       # TF32 for fp32 on CUDA
     model.eval()
     count_fn = count or _target_tokens
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0   # summed on the device: one sync
@@ -155,10 +160,7 @@ class Objective(Protocol):
     def metrics(self, training: bool, reduce: Callable[[list[float]], list[float]]) -> dict[str, float]: ...
 
 
-def _unpack(b: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    x, y = b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True)
-    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in (b[2] if len(b) > 2 else {}).items()}
-    return x, y, kw
+_unpack = to_device      # (x, y, kwargs) on the device
 
 
 class _StopFlag:
@@ -237,6 +239,7 @@ class _Checkpoints:
     on_checkpoint: Callable[[str, Path], None] | None = None
     par: Parallel = field(default_factory=Parallel)   # data parallel: every rank gathers, rank 0 writes
     objective: Any = None                             # its figures since the last row travel in ``last``
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)   # writes in the background
 
     @property
     def last(self) -> Path:
@@ -265,20 +268,21 @@ class _Checkpoints:
         ema = par.full_state(self.ema.state_dict()) if self.ema else None
         if not par.is_main:
             return
-        ckpt_io.save_checkpoint(self.last if kind == "last" else self.stable, self.model, step=state.step,
-                                config=self.run_config, state=weights, optimizer=_StateOf(optim), rng=True,
-                                ema_state=ema, extra=extra)
-        self._saved(kind)
+        tensors, meta = ckpt_io.checkpoint_contents(self.model, step=state.step, config=self.run_config,
+                                                    state=weights, optimizer=_StateOf(optim), rng=True,
+                                                    ema_state=ema, extra=extra)
+        # ``stable`` shares the buffers of ``last``: it is written once a run, and pinned memory is scarce
+        self.writer.save("last", self.last if kind == "last" else self.stable, tensors, meta,
+                         done=lambda: self._saved(kind))
 
     def save_best(self, state: TrainState, swap_ema: bool) -> None:
         extra = dict(self.extra, kind="best", val_loss=state.best_val)
         with (self.ema.swapped(self.model) if (swap_ema and self.ema) else contextlib.nullcontext()):
-            weights = self.par.full_state(self.save_state(self.model))   # views: write while swapped
+            weights = self.par.full_state(self.save_state(self.model))   # views: copied while swapped
             if self.par.is_main:
-                ckpt_io.save_checkpoint(self.best, self.model, step=state.step, config=self.run_config,
-                                        state=weights, extra=extra)
-        if self.par.is_main:
-            self._saved("best")
+                tensors, meta = ckpt_io.checkpoint_contents(self.model, step=state.step, state=weights,
+                                                            config=self.run_config, extra=extra)
+                self.writer.save("best", self.best, tensors, meta, done=lambda: self._saved("best"))
 
     def _saved(self, kind: str) -> None:
         if self.on_checkpoint is not None:
@@ -426,7 +430,7 @@ def _clip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
     """Unscale (fp16) and clip the gradients; returns their norm before clipping."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    norm = clip_gradients(params, grad_clip)
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()   # FSDP2: a DTensor
 
 
@@ -463,6 +467,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     out_dir = check_writable(out_dir) if par.is_main else Path(out_dir)   # fails now, not at a checkpoint
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
+    tf32 = set_matmul_precision(device, precision)      # TF32 matmuls for fp32 on CUDA; CPU untouched
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model.train()
@@ -475,7 +480,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
                          torch.amp.GradScaler("cuda") if precision == "fp16" else None,
                          json.loads(json.dumps(run_config or {})), save_state or ckpt_io.model_state,
                          dict(checkpoint_extra or {}), dict(last_extra or {}), precision, on_checkpoint, par,
-                         objective)
+                         objective, CheckpointWriter(pin=device.type == "cuda"))
     for path in (ckpts.last, ckpts.best, ckpts.stable) if par.is_main else ():   # left by a killed save
         remove_stale_temps(path)
     torch.manual_seed(cfg.seed)
@@ -487,14 +492,15 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
     swap_ema = ckpts.ema is not None and cfg.ema_for_eval
     bar, t_start, interrupted = (_Progress(progress and par.is_main, state.step, cfg.max_steps),
                                  time.perf_counter(), False)
-    with _StopFlag() as stop, par.guard(lambda: state.step):
+    batches = StepBatches(data, par.micro_indices(cfg.grad_accum), device, count, cfg.max_steps)
+    # every exit waits for the checkpoint writes and the batch thread
+    with _StopFlag() as stop, par.guard(lambda: state.step), ckpts.writer, batches:
         while state.step < cfg.max_steps:
             lr = lr_at(state.step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)          # Muon's groups run at muon_lr / lr of it
-            given = [data.batch(state.step, m) for m in par.micro_indices(cfg.grad_accum)]
-            n_local = sum(count(b[1]) for b in given)          # counted on the batch given, before the copy
-            micro = [_unpack(b, device) for b in given]
+            # a pure source's step k + 1 is drawn while step k runs; units counted on the host copy (no sync)
+            micro, n_local = batches.get(state.step)
             loss, stopping = _gradients(net, micro, par, device=device, precision=precision, n_local=n_local,
                                         scaler=ckpts.scaler, loss_fn=loss_fn, stop=stop.signum is not None)
             norm = _clip(optimizer, ckpts.scaler, params, cfg.grad_clip)
@@ -529,12 +535,13 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, *, out_dir: str
                 interrupted = True
                 break
         bar.close()
+        ckpts.writer.wait()
         if par.from_main(lambda: not ckpts.best.exists() and ckpts.last.exists()) and not interrupted:
             ckpts.save_best(state, swap_ema)
     return TrainResult(step=state.step, best_val_loss=state.best_val, last_val_loss=state.last_val,
                        history=state.history, throughput=state.throughput, resumed_from=resumed_from,
                        skipped_steps=state.skipped, interrupted=interrupted,
-                       seconds=time.perf_counter() - t_start)
+                       seconds=time.perf_counter() - t_start, tf32=tf32)
 
 
 def _gradients(net: nn.Module, micro: list, par: Parallel, *, stop: bool, n_local: int,

@@ -25,7 +25,7 @@ from minilm.pairs import read_pairs, read_preferences
 from minilm.data import LMBatches, load_tokens
 from minilm.evaluation import lm_metrics, target_counts
 from minilm.fileio import check_writable, write_json, write_text
-from minilm.precision import resolve_device
+from minilm.precision import resolve_device, set_matmul_precision
 from minilm.sft import encode_pairs, response_loss
 from minilm.tokenizer import load_tokenizer
 from minilm.train import evaluate_loss
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     params = setup("evaluate", __doc__, argv)
     cfg = params.evaluate
     device = resolve_device(params.project.device)
+    set_matmul_precision(device, "fp32")       # the evaluation runs in fp32: TF32 matmuls on CUDA
     base_path = Path(params.sft.base)         # the model SFT started from (default: pretrain's best)
     check_writable(EVALUATE)
     tok = load_tokenizer(tokenizer_path())

@@ -73,7 +73,8 @@ def _git(repo_dir: Path, *args: str) -> str | None:
 
 def _torch_facts() -> dict[str, Any]:
     torch = sys.modules.get("torch")
-    facts: dict[str, Any] = {"torch_threads": None, "cuda_device": None, "bf16_cuda": None}
+    facts: dict[str, Any] = {"torch_threads": None, "cuda_device": None, "bf16_cuda": None,
+                             "tf32_matmul": None}
     if torch is None:
         return facts
     try:
@@ -81,6 +82,7 @@ def _torch_facts() -> dict[str, Any]:
         if torch.cuda.is_available():
             facts["cuda_device"] = torch.cuda.get_device_name(0)
             facts["bf16_cuda"] = bool(torch.cuda.is_bf16_supported())
+            facts["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)   # fp32 matmuls on TF32
     except Exception:
         pass
     return facts

@@ -45,7 +45,7 @@ def timings(result: TrainResult) -> dict[str, Any]:
     speeds = [r["tokens_per_sec"] for r in result.throughput]
     return {"train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
             "mean_tokens_per_sec": sum(speeds) / len(speeds) if speeds else 0.0,
-            "throughput": result.throughput}
+            "throughput": result.throughput, "tf32_matmul": result.tf32}
 
 
 def stop_if_interrupted(stage: str, result: TrainResult) -> None:

@@ -11,7 +11,7 @@ from minilm.data import LMBatches
 from minilm.errors import ConfigError
 from minilm.lora import inject_lora, mark_only_lora_trainable
 from minilm.model import GPT
-from minilm.optim import MuonAdamW, build_optimizer
+from minilm.optim import MuonAdamW, build_optimizer, clip_gradients
 from minilm.train import train
 
 CPU = torch.device("cpu")
@@ -90,3 +90,21 @@ def test_muon_settings_are_validated():
         build(TrainConfig, {"optimizer": "sgd"}, "pretrain")
     with pytest.raises(ConfigError, match=r"pretrain.muon_momentum must be in \[0, 1\), got 1.0"):
         build(TrainConfig, {"muon_momentum": 1.0}, "pretrain")
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_clip_gradients_is_clip_grad_norm_bit_for_bit(scale, grad_clip):
+    """Skipping the multiply by a clamped 1.0 changes nothing: same norm, same gradients, to the bit."""
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(40, 24)) for _ in range(4)] + [torch.nn.Parameter(torch.randn(24))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p) * scale
+        q.grad = p.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(a, grad_clip if grad_clip > 0 else float("inf"))
+    norm = clip_gradients(b, grad_clip)
+    assert torch.equal(norm, expected) or (norm.isnan() and expected.isnan()) or (norm.isinf() and
+                                                                               expected.isinf())
+    for p, q in zip(a, b):
+        assert torch.equal(p.grad.view(torch.int32), q.grad.view(torch.int32))
