@@ -110,13 +110,13 @@ class SentencePieceTokenizer(Tokenizer):
         if min(ids) < 0 or len(set(ids)) != 4:
             raise CheckpointError(f"{self.path}: SentencePiece model lacks distinct unk/bos/eos/pad ids "
                                   f"(got {ids}); train it with minilm's tokenizer stage")
-        self._threads = os.cpu_count() or 1
+        self.threads = os.cpu_count() or 1   # SentencePiece's threads for encode_batch
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         return self._sp.encode(text, out_type=int, add_bos=bos, add_eos=eos)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), out_type=int, num_threads=self._threads)
+        return self._sp.encode(list(texts), out_type=int, num_threads=self.threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(self._skip_specials(ids))

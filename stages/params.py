@@ -40,11 +40,15 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 class EncodeConfig:
     val_fraction: float = 0.05         # last fraction of the corpus (by bytes) held out for validation
     invalid_utf8: Literal["error", "replace"] = "error"
+    workers: int = 0                   # encoding processes: 0 = one per core, 1 = in the stage's process
 
     def problems(self) -> list[str]:
+        p = []
         if not 0.0 < self.val_fraction < 0.5:
-            return [f"val_fraction must be in (0, 0.5), got {self.val_fraction}"]
-        return []
+            p.append(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.workers < 0:
+            p.append(f"workers must be >= 0 (0 = one per core), got {self.workers}")
+        return p
 
 
 @dataclass

@@ -121,9 +121,10 @@ def test_rows_argument():
     assert parse_rows("1,3") == [1, 3]
     assert parse_rows("quality, 2") == [2, 5]
     assert parse_rows("speedrun") == [9]
+    assert parse_rows("data") == parse_rows("10") == [10]
     import argparse
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown row '10'"):
-        parse_rows("10")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown row '11'"):
+        parse_rows("11")
 
 
 def test_alternate_rotates_the_order_and_times_every_round():
@@ -174,6 +175,25 @@ def test_render_shows_failures_and_skips():
                         "quality": {"id": 5, "title": "Q", "skipped": "no file", "lines": []}}}
     md = report.render(results)
     assert "Failed: `RuntimeError: boom`" in md and "Skipped: no file" in md
+
+
+def test_quick_data_row(tmp_path):
+    """Row 10 at toy sizes: encode with every core and with 1 worker writes the same bytes, with MB/s and
+    peak RSS for each; tokenizer training's peak RSS at two max_sentences values gives a positive slope."""
+    proc = run_quick(tmp_path, "--rows", "data")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = json.loads((tmp_path / "r.json").read_text())["rows"]["data"]
+    assert not row.get("error"), row
+    encode = [ln for ln in row["lines"] if ln["case"].startswith("encode")]
+    tokenizer = [ln for ln in row["lines"] if ln["case"].startswith("tokenizer")]
+    assert len(encode) == 2 and encode[-1]["target"] == ">= 2x"
+    for ln in encode:
+        assert ln["same_bytes"] is True and ln["workers"] >= 1
+        assert all(number(ln[k]) and ln[k] > 0 for k in ("minilm", "baseline", "ratio", "rss_mb",
+                                                          "baseline_rss_mb", "cpu_s_per_mb"))
+    assert len(tokenizer) >= 4
+    assert all(number(ln["minilm"]) and ln["bytes_per_sentence"] > 0 for ln in tokenizer)
+    assert "## 10. Data throughput" in (tmp_path / "r.md").read_text()
 
 
 def test_quick_pipeline_params_are_tiny_and_valid(tmp_path):
