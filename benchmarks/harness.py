@@ -122,6 +122,7 @@ class Context:
     min_seconds: float = 0.5          # one measurement lasts at least this long
     shakespeare: Path | None = None
     compile: bool = True              # also time minilm under torch.compile (rows 1-2)
+    decode_compile: bool = True       # time the compiled static-cache decode step (rows 3, 8), quick too
     memo: dict[Any, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .generation import _minilm, _same, decode_rates
+from .generation import _first_call, _int8, _minilm, _same, decode_rates
 from .harness import TEN_M, TINY_B, Context, alternate, build_model, line, median, median_ratio, missing
 
 GGUF_TYPES = ("f16", "q8_0")
@@ -63,17 +63,22 @@ def _contenders(ctx: Context, model, tok, root: Path, prompt: list[int], new: in
 
     auto = inference_dtype("auto", torch.device("cpu"))
     names = {dt: n for n, dt in DTYPES.items()}
-    fns, sizes = {}, {}
+    fns, sizes, compile_s = {}, {}, {}
     for dt in dict.fromkeys([torch.float32, auto]):
         m = model if dt == torch.float32 else copy.deepcopy(model).to(dt)
         fns[f"minilm {names[dt]}"] = (_minilm(m, [prompt], new), _minilm(m, [prompt], 1))
+    if ctx.decode_compile:   # the compiled static-cache step (SampleConfig.compile), bf16 and int8 weights
+        for name, m in ((f"minilm {names[auto]}", copy.deepcopy(model).to(auto)),
+                        ("minilm int8", _int8(model, auto))):
+            fns[f"{name} compiled"] = (_minilm(m, [prompt], new, compile=True), _minilm(m, [prompt], 1))
+            compile_s[f"{name} compiled"] = _first_call(fns[f"{name} compiled"][0])
     for kind in GGUF_TYPES:
         path = export_gguf(model, tok, root / f"model-{kind}.gguf", gguf_type=kind)
         sizes[kind] = path.stat().st_size
         llm = llama_cpp.Llama(str(path), n_ctx=model.config.context_length, n_batch=64, n_threads=threads,
                               n_threads_batch=threads, verbose=False)
         fns[f"llama.cpp {kind}"] = (_llama_fn(llm, prompt, new), _llama_fn(llm, prompt, 1))
-    return fns, sizes, names[auto]
+    return fns, sizes, names[auto], compile_s
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def run(ctx: Context) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tok = _tokenizer(Path(tmp), shape.vocab_size)
         prompt = tok.encode("The function returns a list of the lines in the file", bos=True)[:prompt_len]
-        fns, sizes, auto = _contenders(ctx, model, tok, Path(tmp), prompt, new, threads)
+        fns, sizes, auto, compile_s = _contenders(ctx, model, tok, Path(tmp), prompt, new, threads)
         ctx.log(f"  llama.cpp row: {', '.join(fns)} on {threads} threads")
         first = alternate({n: f[1] for n, f in fns.items()}, ctx, min_seconds=0.1 if ctx.quick else 0.5)
         for decode, _ in fns.values():          # one full run of each before the timed rounds
@@ -108,7 +113,10 @@ def run(ctx: Context) -> dict[str, Any]:
                               ratio=median_ratio(decode[mine], decode[other]),
                               same_tokens=_same([outputs[mine]], [outputs[other]]),
                               gguf_bytes=sizes[kind], total_s=median(full[mine]["seconds"]),
-                              baseline_total_s=median(full[other]["seconds"]), **extra))
+                              baseline_total_s=median(full[other]["seconds"]),
+                              **({"compile_s": compile_s[mine]} if mine in compile_s else {}), **extra))
+        if mine in compile_s:    # its prefill is the eager one of the same dtype
+            continue
         lines.append(line(f"{mine} time to first token", "ms", 1000 * t_first[mine],
                           baseline_name="llama.cpp f16", baseline=1000 * t_first["llama.cpp f16"],
                           ratio=median_ratio(first["llama.cpp f16"]["seconds"], first[mine]["seconds"]),
@@ -118,5 +126,9 @@ def run(ctx: Context) -> dict[str, Any]:
               "over llama.cpp tokens/s (> 1: minilm faster). same_tokens = share of positions where the two "
               "greedy outputs agree (f16/q8_0 rounding moves near-ties of random weights)."),
              ("llama.cpp is driven through llama-cpp-python's generate loop, one Python call per token, as a "
-              "Python user runs it; every call prefills the prompt afresh (no prompt-cache reuse).")]
+              "Python user runs it; every call prefills the prompt afresh (no prompt-cache reuse)."),
+             ("minilm ... compiled = `SampleConfig.compile` (`minilm-sample --compile`): the decode step compiled "
+              "by torch.compile over a static-shape cache (minilm.decode); compile_s = its first call over its "
+              "second. int8 = weight-only int8 (`precision: int8`), activations in bf16, the closest minilm "
+              "counterpart of q8_0.")]
     return {"lines": lines, "notes": notes}

@@ -139,7 +139,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
 class KVCache:
     """Preallocated keys/values for incremental decoding of a batch.
 
-    ``k``/``v``: (n_layer, B, n_kv_head, max_len, head_dim). ``pos`` is the number of slots filled (the
+    ``kv``: one tensor for the layer stack, (n_layer, 2, B, n_kv_head, max_len, head_dim); ``k``/``v`` are
+    its views (n_layer, B, n_kv_head, max_len, head_dim). ``pos`` is the number of slots filled (the
     same for every row). With left-padded prompts, ``key_mask`` (B, max_len) marks real tokens and
     ``next_position`` (B,) holds each row's next rotary position.
     """
@@ -149,9 +150,9 @@ class KVCache:
         if max_len > cfg.context_length:
             raise ValueError(f"cache length {max_len} exceeds the model's context_length "
                              f"{cfg.context_length}")
-        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (cfg.n_layer, 2, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)   # minilm.decode's compiled step reads it
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.max_len = max_len
         self.pos = 0
         self.key_mask: torch.Tensor | None = None  # (B, max_len) bool, only when padding is present

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import SampleConfig
+from .decode import StaticDecoder, cache_length
 from .errors import DataError
 from .model import KVCache, unwrap_compiled
 
@@ -225,9 +226,12 @@ def _decode_rows(model: nn.Module, prompts: list[list[int]], cfg: SampleConfig, 
         generator.manual_seed(cfg.seed)
 
     if use_cache:
-        cache = KVCache(mcfg, B, min(mcfg.context_length, P + cfg.max_new_tokens),
-                        dtype=_cache_dtype(net, device), device=device)
+        length = P + cfg.max_new_tokens
+        cache = KVCache(mcfg, B, cache_length(length, mcfg.context_length) if cfg.compile
+                        else min(mcfg.context_length, length), dtype=_cache_dtype(net, device), device=device)
         logits = model(tokens[:, :P], cache=cache, attention_mask=valid[:, :P] if padded else None)
+        # compile: every later token through one static-shape graph (minilm.decode), else GPT.forward
+        step = StaticDecoder(net, cache) if cfg.compile else (lambda t: model(t[:, None], cache=cache)[:, -1])
     else:
         logits = model(tokens[:, :P], attention_mask=valid[:, :P] if padded else None)
     logits = logits[:, -1]
@@ -266,7 +270,7 @@ def _decode_rows(model: nn.Module, prompts: list[list[int]], cfg: SampleConfig, 
         if all_done or t == steps - 1:
             break
         if use_cache:
-            logits = model(nxt[:, None], cache=cache)[:, -1]
+            logits = step(nxt)
         else:
             logits = model(tokens[:, :cur + 1], attention_mask=valid[:, :cur + 1] if padded else None)[:, -1]
 
@@ -282,7 +286,9 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], cfg: SampleConfig, 
     ``cfg.stop`` needs ``decode``: a row stops once its new text holds a stop string, and its ids are cut
     to the longest prefix whose text holds none. ``use_cache=False`` recomputes the whole sequence each
     step (for parity tests and benchmarks). The model is run in eval mode and put back as it was. Wrap
-    the call in ``torch.autocast`` for low precision.
+    the call in ``torch.autocast`` for low precision. ``cfg.compile`` runs every token after the prompt
+    through :mod:`minilm.decode`'s compiled static-shape step (the same tokens; the first call for a new
+    model shape, batch size or cache length pays the compilation).
     """
     with _eval_mode(model), torch.inference_mode():
         rows = _decode_rows(model, prompts, cfg, eos_id, pad_id, decode, use_cache, device)
