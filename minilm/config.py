@@ -7,6 +7,7 @@ Each is built and validated by :func:`minilm.schema.build` (unknown keys, types,
 from __future__ import annotations
 
 import math
+import re
 import string
 import typing
 from dataclasses import dataclass, field
@@ -206,6 +207,7 @@ class SampleConfig:
     max_new_tokens: int = 120
     stop: list[str] = field(default_factory=list)
     seed: int | None = 1337
+    compile: bool = False             # decode with the torch.compile'd static-cache step (minilm.decode)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -381,12 +383,16 @@ def template_problems(template: str) -> list[str]:
 # data
 
 
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 @dataclass
 class DataConfig:
     """Where the pretraining corpus and the SFT pairs come from (params.yaml ``data:``)."""
 
     corpus: str = "stdlib"                 # "stdlib" or a UTF-8 text file / directory of them
     corpus_max_mb: float = 0               # 0 = all; else cap, cut at a document boundary
+    packages: list[str] = field(default_factory=list)   # installed packages whose docstrings join training
     sft: str = "chatterbot"                # "chatterbot" or a .jsonl/.json/.csv/.parquet/.txt file
     instruction_field: str = "instruction"
     response_field: str = "response"
@@ -403,6 +409,11 @@ class DataConfig:
             p.append("sft must be 'chatterbot' or a path, got an empty string")
         if self.corpus_max_mb < 0:
             p.append(f"corpus_max_mb must be >= 0 (0 = no cap), got {self.corpus_max_mb}")
+        bad = [name for name in self.packages if not isinstance(name, str) or not _MODULE.fullmatch(name)]
+        if bad:
+            p.append(f"packages must be top-level import names (e.g. numpy, pandas), got {bad[0]!r}")
+        elif len(set(self.packages)) != len(self.packages):
+            p.append(f"packages lists a package twice: {self.packages}")
         if not 0.0 < self.sft_val_fraction < 1.0:
             p.append(f"sft_val_fraction must be in (0, 1), got {self.sft_val_fraction}")
         if not self.instruction_field or not self.response_field:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import ast
 import codecs
 import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import random
 import re
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from .config import DataConfig
 from .errors import DataError
@@ -67,6 +69,21 @@ def _docstrings(tree: ast.AST) -> Iterator[str]:
         yield from _docstrings(child)
 
 
+def _fresh(text: str, seen: set[bytes]) -> str | None:
+    """``text`` stripped, or None if it is short, not encodable or already in ``seen`` (then added)."""
+    text = text.strip()
+    if len(text) < _MIN_DOCSTRING:
+        return None
+    try:
+        digest = hashlib.sha1(text.encode("utf-8")).digest()
+    except UnicodeEncodeError:       # a lone surrogate written as an escape in some docstring
+        return None
+    if digest in seen:
+        return None
+    seen.add(digest)
+    return text
+
+
 def stdlib_documents() -> Iterator[str]:
     """Real English that ships with Python: pydoc topic pages, then standard-library docstrings.
 
@@ -74,26 +91,12 @@ def stdlib_documents() -> Iterator[str]:
     than 40 characters are dropped. The order is deterministic for a given Python version.
     """
     seen: set[bytes] = set()
-
-    def fresh(text: str) -> str | None:
-        text = text.strip()
-        if len(text) < _MIN_DOCSTRING:
-            return None
-        try:
-            digest = hashlib.sha1(text.encode("utf-8")).digest()
-        except UnicodeEncodeError:       # a lone surrogate written as an escape in some docstring
-            return None
-        if digest in seen:
-            return None
-        seen.add(digest)
-        return text
-
     try:
         from pydoc_data.topics import topics
     except ImportError:                  # some distributions split pydoc_data out
         topics = {}
     for key in sorted(topics):
-        if (text := fresh(topics[key])) is not None:
+        if (text := _fresh(topics[key], seen)) is not None:
             yield text
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in _stdlib_files(root):
@@ -102,7 +105,7 @@ def stdlib_documents() -> Iterator[str]:
         except (SyntaxError, ValueError, OSError):
             continue
         for doc in _docstrings(tree):
-            if (text := fresh(doc)) is not None:
+            if (text := _fresh(doc, seen)) is not None:
                 yield text
 
 
@@ -256,48 +259,127 @@ def file_documents(path: str | os.PathLike, invalid_utf8: str = "error",
         counts["replacement_chars"] = counts.get("replacement_chars", 0) + bad
 
 
-def write_corpus(cfg: DataConfig, out_path: str | os.PathLike) -> dict[str, Any]:
-    """Write the pretraining corpus as one UTF-8 file (documents separated by a blank line).
+def _package_root(name: str) -> Path:
+    """The source directory (or single module file) of an installed top-level package, not imported."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+        raise DataError(f"data.packages: {name!r} is not an installed Python package with source files; "
+                        f"pip install it or remove it from data.packages")
+    origin = Path(spec.origin)
+    return origin.parent if origin.name == "__init__.py" else origin
 
-    Returns stats: source, files, documents, bytes, sha256, truncated, and for files nul_stripped (NUL
-    bytes dropped) and replacement_chars (U+FFFD in the text, e.g. from ``invalid_utf8: replace``).
+
+def package_versions(names: Sequence[str]) -> dict[str, str]:
+    """``{import name: "distribution version"}`` for the packages named (``"?"`` where unknown)."""
+    dists = importlib.metadata.packages_distributions()
+    out = {}
+    for name in names:
+        found = sorted(dists.get(name, []))
+        try:
+            out[name] = f"{found[0]} {importlib.metadata.version(found[0])}" if found else "?"
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "?"
+    return out
+
+
+def package_documents(names: Sequence[str], exclude: set[bytes] | None = None) -> Iterator[str]:
+    """The docstrings of installed packages (their tests left out), parsed with :mod:`ast`, never imported.
+
+    Packages in the order named, files sorted, docstrings in source order; exact duplicates, docstrings
+    under 40 characters and any text whose SHA-1 is in ``exclude`` (the primary corpus, so that nothing
+    of the validation split leaks into training) are dropped.
     """
-    counts: dict[str, int] = {}
+    seen = set(exclude or ())
+    roots = [_package_root(name) for name in names]        # every name checked before any work
+    for root in roots:
+        files = [root] if root.is_file() else _stdlib_files(root)
+        for path in files:
+            try:
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+            except (SyntaxError, ValueError, OSError):
+                continue
+            for doc in _docstrings(tree):
+                if (text := _fresh(doc, seen)) is not None:
+                    yield text
+
+
+def _primary(cfg: DataConfig, counts: dict[str, int]) -> tuple[Iterable[str], str, int | None, set[bytes]]:
+    """The primary corpus: its documents, source label, file count and (stdlib) document digests."""
     if cfg.corpus == "stdlib":
         # seeded shuffle of the (small, in-memory) document list, so that the validation split (the
         # corpus's tail) is drawn from every module rather than from the alphabetically last ones
         doc_list = list(stdlib_documents())
         random.Random(cfg.seed).shuffle(doc_list)
-        docs: Iterable[str] = doc_list
-        source = f"stdlib:python{sys.version_info.major}.{sys.version_info.minor}"
-        n_files = None
-    else:
-        files = _corpus_files(Path(cfg.corpus))
-        docs = (d for f in files for d in file_documents(f, cfg.invalid_utf8, counts))
-        source, n_files = str(cfg.corpus), len(files)
+        digests = {hashlib.sha1(d.encode("utf-8")).digest() for d in doc_list}
+        return doc_list, f"stdlib:python{sys.version_info.major}.{sys.version_info.minor}", None, digests
+    files = _corpus_files(Path(cfg.corpus))
+    docs = (d for f in files for d in file_documents(f, cfg.invalid_utf8, counts))
+    return docs, str(cfg.corpus), len(files), set()
+
+
+class _DocWriter:
+    """Writes documents separated by a blank line, hashing and counting what it writes."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.digest = fh, hashlib.sha256()
+        self.bytes = self.docs = 0
+
+    def write(self, doc: str, cap: int = 0, since: int = 0) -> bool:
+        """Write one document; False (nothing written) if it would take bytes past ``since + cap``."""
+        data = (b"\n\n" if self.docs else b"") + doc.encode("utf-8")
+        if cap and self.bytes - since + len(data) + 1 > cap:      # +1: the final newline
+            return False
+        self.fh.write(data)
+        self.digest.update(data)
+        self.bytes += len(data)
+        self.docs += 1
+        return True
+
+
+def write_corpus(cfg: DataConfig, out_path: str | os.PathLike) -> dict[str, Any]:
+    """Write the pretraining corpus as one UTF-8 file (documents separated by a blank line).
+
+    The docstrings of ``cfg.packages`` come first, then the primary corpus (``cfg.corpus``, capped at
+    ``corpus_max_mb``), so that the validation split, the tail of the primary corpus
+    (``primary_offset`` onwards, see :func:`val_fraction_of`), is the same text with or without them.
+    Returns stats: source, files, documents, bytes, sha256, truncated, primary_offset, packages (name:
+    version) and package_documents, and for files nul_stripped (NUL bytes dropped) and
+    replacement_chars (U+FFFD in the text, e.g. from ``invalid_utf8: replace``).
+    """
+    counts: dict[str, int] = {}
+    docs, source, n_files, digests = _primary(cfg, counts)
+    versions = package_versions(cfg.packages)
     cap = int(cfg.corpus_max_mb * MB)
-    digest = hashlib.sha256()
-    n_docs = n_bytes = 0
     truncated = False
     with atomic_write(out_path, "wb") as fh:
+        w = _DocWriter(fh)
+        for doc in package_documents(cfg.packages, digests):
+            w.write(doc)
+        n_extra, start = w.docs, w.bytes + (2 if w.docs else 0)
         for doc in docs:
-            if not doc.strip():
-                continue
-            data = (b"\n\n" if n_docs else b"") + doc.encode("utf-8")
-            if cap and n_bytes + len(data) + 1 > cap:       # +1: the final newline
+            if doc.strip() and not w.write(doc, cap, since=start):
                 truncated = True
                 break
-            fh.write(data)
-            digest.update(data)
-            n_bytes += len(data)
-            n_docs += 1
-        if n_docs == 0:
+        if w.docs == n_extra:
             if truncated:
                 raise DataError(f"data.corpus_max_mb={cfg.corpus_max_mb} is smaller than the first "
                                 f"document of {source}; raise it or set 0 (no cap)")
             raise DataError(f"corpus {source} holds no text; point data.corpus at non-empty text")
         fh.write(b"\n")
-        digest.update(b"\n")
-        n_bytes += 1
-    return {"source": source, "files": n_files, "documents": n_docs, "bytes": n_bytes,
-            "sha256": digest.hexdigest(), "truncated": truncated, **counts}
+        w.digest.update(b"\n")
+    return {"source": source, "files": n_files, "documents": w.docs, "bytes": w.bytes + 1,
+            "sha256": w.digest.hexdigest(), "truncated": truncated, "primary_offset": start,
+            "packages": versions, "package_documents": n_extra, **counts}
+
+
+def val_fraction_of(stats: dict[str, Any], val_fraction: float) -> float:
+    """The share of the whole corpus file to hold out so that validation is the last ``val_fraction``
+    of the primary corpus (what it would be without ``data.packages``), for :func:`write_corpus` stats."""
+    size, start = stats["bytes"], stats.get("primary_offset", 0)
+    if not start:
+        return val_fraction
+    target = start + round((size - start) * (1.0 - val_fraction))
+    return 1.0 - target / size

@@ -226,6 +226,11 @@ CASES = {
     # ---- data
     "missing-corpus": Case("prepare", params({"data": {"corpus": "nope.txt"}}),
                            ("corpus nope.txt not found", "set data.corpus to an existing")),
+    "package-not-installed": Case("prepare", params({"data": {"packages": ["yaml", "no_such_pkg_xyz"]}}),
+                                  ("data.packages: 'no_such_pkg_xyz' is not an installed Python package",
+                                   "pip install it or remove it from data.packages")),
+    "package-not-a-name": Case("prepare", params({"data": {"packages": ["numpy>=2"]}}),
+                               ("data.packages must be top-level import names", "got 'numpy>=2'")),
     "empty-corpus": Case("prepare", file("empty.txt", "\n \n\n", {"data": {"corpus": "empty.txt"}}),
                          ("corpus empty.txt holds no text", "point data.corpus at non-empty text")),
     "corpus-too-small-for-context": Case(

@@ -10,7 +10,13 @@ import pytest
 
 from minilm.config import build
 from minilm.config import DataConfig
-from minilm.corpus import file_documents, stdlib_documents, write_corpus
+import hashlib
+
+from minilm.config import TokenizerConfig
+from minilm.corpus import (file_documents, package_documents, stdlib_documents, val_fraction_of,
+                           write_corpus)
+from minilm.data import encode_corpus, load_tokens
+from minilm.tokenizer import build_char_tokenizer
 from minilm.pairs import chatterbot_pairs, read_pairs, write_sft
 from minilm.errors import ConfigError, DataError
 from minilm.fileio import sha256_file
@@ -69,6 +75,49 @@ def test_write_corpus_stdlib_is_deterministic_and_capped(tmp_path):
     # a larger cap extends the same document stream: the smaller corpus is a prefix of it
     assert (tmp_path / "c.txt").read_text(encoding="utf-8").startswith(text.rstrip("\n") + "\n\n")
     assert bigger["documents"] > a["documents"]
+
+
+def test_packages_join_training_and_leave_validation_alone(tmp_path):
+    """`data.packages` docstrings come before the primary corpus, which is written byte for byte as
+    without them; the held-out tail (val_fraction_of) is the same text, so val loss stays comparable."""
+    src = tmp_path / "book.txt"
+    src.write_text("\n\n".join(f"Paragraph {i} of the book: " + "word " * (i % 7 + 3) for i in range(400)),
+                   encoding="utf-8")
+    plain = write_corpus(_cfg(corpus=str(src)), tmp_path / "plain.txt")
+    extra = write_corpus(_cfg(corpus=str(src), packages=["yaml"]), tmp_path / "extra.txt")
+    assert plain["primary_offset"] == 0 and plain["packages"] == {}
+    assert extra["packages"]["yaml"].startswith("PyYAML ") and extra["package_documents"] > 20
+    body = (tmp_path / "extra.txt").read_bytes()
+    start = extra["primary_offset"]
+    assert body[start:] == (tmp_path / "plain.txt").read_bytes() and body[start - 2:start] == b"\n\n"
+    assert b"YAML" in body[:start] and extra["bytes"] == len(body)
+
+    tok = build_char_tokenizer(tmp_path / "extra.txt", tmp_path / "char.json", TokenizerConfig(kind="char"))
+    held = {}
+    for name, stats in (("plain", plain), ("extra", extra)):
+        out = tmp_path / f"enc-{name}"
+        meta = encode_corpus(tmp_path / f"{name}.txt", tok, out, val_fraction=val_fraction_of(stats, 0.05))
+        held[name] = (meta["bytes"]["val"], tok.decode(load_tokens(out / "val.bin").tolist()))
+    assert held["plain"] == held["extra"] and held["plain"][0] > 0
+    assert val_fraction_of(plain, 0.05) == 0.05
+
+
+def test_packages_never_repeat_the_primary_corpus(tmp_path):
+    """json ships with Python: every docstring it has is already in the stdlib corpus, so it adds none
+    (nothing of the validation split can reach training through a package)."""
+    digests = {hashlib.sha1(d.encode("utf-8")).digest() for d in stdlib_documents()}
+    assert len(list(package_documents(["json"]))) > 5
+    assert list(package_documents(["json"], exclude=digests)) == []
+
+
+def test_packages_errors(tmp_path):
+    with pytest.raises(ConfigError, match="top-level import names"):
+        _cfg(packages=["numpy>=2"])
+    with pytest.raises(ConfigError, match="twice"):
+        _cfg(packages=["yaml", "yaml"])
+    with pytest.raises(DataError, match="'no_such_pkg_xyz' is not an installed") as err:
+        write_corpus(_cfg(packages=["yaml", "no_such_pkg_xyz"]), tmp_path / "c.txt")
+    assert "\n" not in str(err.value) and not (tmp_path / "c.txt").exists()
 
 
 def test_user_file_paragraphs_and_cap(tmp_path):
