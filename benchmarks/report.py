@@ -9,10 +9,17 @@ from typing import Any
 DETAILS = {
     "training": [("step_ms", "ms/step")],
     "utilisation": [("model_gflops", "model GFLOP/s"), ("peak_gflops", "peak GFLOP/s")],
-    "generation": [("same_tokens", "same tokens"), ("same_tokens_as_minilm_fp32", "same tokens as minilm fp32")],
+    "generation": [("same_tokens", "same tokens"), ("same_tokens_as_minilm_fp32", "same tokens as minilm fp32"),
+                   ("same_tokens_as_eager", "same tokens as eager"), ("compile_s", "compile s"),
+                   ("share_pct", "share %")],
+    "llamacpp": [("same_tokens", "same tokens"), ("compile_s", "compile s")],
     "finetune": [("trainable", "trainable"), ("train_mb", "train MB"), ("first_call_s", "first call s")],
     "quality": [("precision", "precision"), ("steps", "steps")],
     "pipeline": [("in_run_s", "in run s"), ("overhead_s", "overhead s")],
+    "data": [("rss_mb", "peak RSS MB"), ("baseline_rss_mb", "1 worker peak RSS MB"),
+             ("cpu_s_per_mb", "CPU s/MB"), ("baseline_cpu_s_per_mb", "1 worker CPU s/MB"),
+             ("cores_used", "cores used"), ("baseline_cores_used", "1 worker cores used"),
+             ("same_bytes", "same bytes"), ("bytes_per_sentence", "bytes / sentence")],
 }
 
 
@@ -65,6 +72,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _profile_table(prof: dict[str, Any] | None) -> list[str]:
+    """Row 2's breakdown of one training step by kind (benchmarks/profile.py)."""
+    if not prof or not prof.get("ms"):
+        return []
+    rows = [[k, fmt(v), fmt(prof["share"][k], "share")] for k, v in prof["ms"].items()]
+    rows.append(["total (profiled step)", fmt(prof["step_ms"]), "100.0%"])
+    if prof.get("at_peak_ms") is not None:
+        rows.append(["model FLOPs at peak GEMM rate", fmt(prof["at_peak_ms"]),
+                     fmt(prof["at_peak_ms"] / prof["step_ms"], "share")])
+    return [f"Where the time of one {prof['shape']} {prof['variant']} step goes:", ""] + _table(
+        ["kind", "ms/step", "share of step"], rows) + [""]
+
+
 def render(results: dict[str, Any]) -> str:
     md = ["# minilm benchmarks", "",
           f"Machine: {machine_line(results['machine'])}.", "",
@@ -100,6 +120,7 @@ def render(results: dict[str, Any]) -> str:
                          met(ln["met"])] + [fmt(ln.get(k)) for k, _ in extra])
         md += _table(header, body)
         md.append("")
+        md += _profile_table(row.get("profile"))
         md += [f"- {n}" for n in row.get("notes", [])]
         load = row.get("load_average_before"), row.get("load_average_after")
         loads = f"; 1-min load average {load[0][0]} before, {load[1][0]} after" if all(load) else ""

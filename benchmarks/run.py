@@ -3,6 +3,7 @@
     python -m benchmarks                      # every row (row 6 reproduces the whole pipeline: ~10 min)
     python -m benchmarks --rows 1,2,3,4,5     # everything but the pipeline row (a few minutes)
     python -m benchmarks --quick              # toy sizes, 1-2 repeats: a smoke run in about a minute
+    python -m benchmarks --rows data          # encode and tokenizer throughput and memory (~3 min)
 
 Rows not selected keep their figures from an existing results file of the same mode (marked as from an
 earlier run), so the pipeline row can be measured separately.
@@ -21,7 +22,18 @@ from typing import Any, Callable
 
 from minilm.fileio import write_json, write_text
 
-from . import finetune, generation, llamacpp, pipeline, quality, serving, speedrun, training, utilisation
+from . import (
+    data_throughput,
+    finetune,
+    generation,
+    llamacpp,
+    pipeline,
+    quality,
+    serving,
+    speedrun,
+    training,
+    utilisation,
+)
 from .harness import ROOT, Context, load_average, machine_info
 from .report import render
 
@@ -36,6 +48,8 @@ ROWS: dict[int, tuple[str, str, Callable[[Context], dict[str, Any]]]] = {
     8: ("llamacpp", "Decoding vs llama.cpp (batch 1, 256 new tokens, f16 and q8_0 GGUF)", llamacpp.run),
     9: ("speedrun", "Time to quality (tinyshakespeare: time to nanoGPT's final val loss) and its levers, 3 seeds",
         speedrun.run),
+    10: ("data", "Data throughput (encode: all cores vs 1 worker, MB/s and peak RSS at two corpus sizes; "
+         "tokenizer peak RSS vs max_sentences)", data_throughput.run),
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results.json"
 
@@ -67,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shakespeare", type=Path, default=None, metavar="PATH",
                    help="tinyshakespeare.txt for row 5 (char-rnn's input.txt, 1.1 MB; not shipped with "
                         "minilm: without it the row is skipped with a line saying so)")
-    p.add_argument("--no-compile", action="store_true", help="do not time minilm under torch.compile")
+    p.add_argument("--no-compile", action="store_true", help="do not time minilm under torch.compile (training rows, and the compiled decode "
+                        "step of rows 3 and 8)")
     return p
 
 
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     ctx = Context.make(args.quick, shakespeare=args.shakespeare, log=log)
     if args.no_compile:
-        ctx.compile = False
+        ctx.compile = ctx.decode_compile = False
     mode = "quick" if args.quick else "full"
     command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {"command": command.strip(), "mode": mode, "machine": machine_info(),
