@@ -139,6 +139,14 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text if i < 0 else text[:i]
 
 
+def stop_window(stops: Sequence[str]) -> int:
+    """Tokens of a row to decode each step to see whether the newest one completed a stop string: a
+    token is at least one byte, so the string lies in the last ``max bytes`` tokens; 8 more keep it off
+    the window's first token (whose leading space a SentencePiece decode drops, and which may be a
+    partial UTF-8 character). Decoding only these keeps each step's cost flat as the answer grows."""
+    return max(len(s.encode("utf-8")) for s in stops) + 8
+
+
 def _trim_ids(ids: list[int], decode: Callable[[list[int]], str], stops: Sequence[str]) -> list[int]:
     """The longest prefix of ``ids`` whose text ends before the first stop string (a token holding the
     start of the stop string is dropped whole)."""
@@ -153,6 +161,8 @@ def _trim_ids(ids: list[int], decode: Callable[[list[int]], str], stops: Sequenc
 
 # --------------------------------------------------------------------------------------------------
 # the decoding loop
+
+_SYNC_EVERY = 8          # on an accelerator, look at the rows' done flags (a host sync) every this many tokens
 
 
 @contextlib.contextmanager
@@ -239,6 +249,8 @@ def _decode_rows(model: nn.Module, prompts: list[list[int]], cfg: SampleConfig, 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_kept = torch.zeros(B, dtype=torch.long, device=device)
     new_ids: list[list[int]] = [[] for _ in range(B)]       # host copy, only to check stop strings
+    window = stop_window(cfg.stop) if check_stops else 0
+    all_done = False
     t = 0
     for t in range(steps):
         cur = P + t
@@ -260,13 +272,13 @@ def _decode_rows(model: nn.Module, prompts: list[list[int]], cfg: SampleConfig, 
             for b in range(B):
                 if live_h[b] and not done_h[b]:
                     new_ids[b].append(col[b])
-                    if find_stop(decode(new_ids[b]), cfg.stop) >= 0:
+                    if find_stop(decode(new_ids[b][-window:]), cfg.stop) >= 0:   # the new text only
                         stopped.append(b)
             if stopped:
                 done[torch.tensor(stopped, device=device)] = True
             all_done = all(d or b in stopped for b, d in enumerate(done_h))
-        else:
-            all_done = bool(done.all())
+        elif device.type == "cpu" or t % _SYNC_EVERY == _SYNC_EVERY - 1:
+            all_done = bool(done.all())             # a host sync: on an accelerator, every 8th token only
         if all_done or t == steps - 1:
             break
         if use_cache:

@@ -14,7 +14,7 @@ from minilm.config import ModelConfig, SampleConfig
 from minilm.errors import DataError, MinilmError
 from minilm.model import GPT
 from minilm.sampling import (apply_bans, generate, generate_ids, ngram_ban, recent_ban, repetition_penalty,
-                             top_k_filter, top_p_filter)
+                             stop_window, top_k_filter, top_p_filter)
 
 
 class ByteTokenizer:
@@ -291,6 +291,27 @@ def test_stop_string_inside_a_token_cuts_ids_before_that_token(model):
     stop = f"{free[4]}><{free[5]}"                          # starts inside token 4, ends inside token 5
     cfg = sample_cfg(max_new_tokens=12, stop=[stop])
     assert generate_ids(model, [prompt], cfg, eos_id=None, decode=decode) == [free[:4]]
+
+
+def test_stop_string_late_in_a_long_answer_is_found_reading_only_the_new_tokens(model):
+    """Each step decodes only the last stop_window tokens, yet a stop string completed 40+ tokens into
+    the answer ends the row exactly where a search of the whole text would."""
+    tok = ByteTokenizer()
+    prompt = tok.encode("hello", bos=True)
+    free = generate_ids(model, [prompt], sample_cfg(max_new_tokens=56), eos_id=None)[0]
+    text = tok.decode(free)
+    stop = next(text[i:i + 2] for i in range(40, 52) if text.find(text[i:i + 2]) == i)  # first seen late
+    seen: list[int] = []
+
+    def decode(ids: list[int]) -> str:
+        seen.append(len(ids))
+        return tok.decode(ids)
+
+    ids = generate_ids(model, [prompt], sample_cfg(max_new_tokens=56, stop=[stop]), eos_id=None, decode=decode)
+    assert tok.decode(ids[0]) == text[:text.find(stop)]
+    steps = text.find(stop) + len(stop)            # one byte a token: the step that completed the stop
+    assert seen[:steps] == [min(n, stop_window([stop])) for n in range(1, steps + 1)]
+    assert stop_window([stop]) == len(stop.encode()) + 8
 
 
 def test_stop_strings_need_decode(model):
