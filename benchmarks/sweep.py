@@ -40,7 +40,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # other shapes for the same time (one-thread CPU time per step: 6x256 1.44x, 4x192 0.73x)
     "6x256": ("6 layers, 486 steps", ["model.n_layer=6", "pretrain.max_steps=486"]),
     "4x192": ("d_model 192, 960 steps", ["model.d_model=192", "model.n_head=3", "pretrain.max_steps=960"]),
+    "4x192-wd03": ("d_model 192, 960 steps, weight decay 0.3", ["model.d_model=192", "model.n_head=3",
+                                                                "pretrain.max_steps=960", "pretrain.weight_decay=0.3"]),
 }
+# one-thread CPU seconds per step over the default shape's, measured in one process (README); 1 if absent
+STEP_COST = {"6x256": 1.44, "4x192": 0.73, "4x192-wd03": 0.73}
 METRICS = ("final_best_val_bits_per_byte", "final_best_val_loss", "final_last_val_loss")
 
 
@@ -97,12 +101,13 @@ def collect(names: list[str], uri: str) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    head = ["variant", "what", "model", "steps", "val bits/byte", "val loss", "last train loss",
-            "stage seconds"]
+    head = ["variant", "what", "model", "steps", "budget (steps x step cost)", "val bits/byte", "val loss",
+            "last train loss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], r["what"], r["model"], r["steps"], _f(r["final_best_val_bits_per_byte"], 4),
-                 _f(r["final_best_val_loss"], 3), _f(r["train_loss"], 3), _f(r["train_seconds"], 0)]
+        budget = int(r["steps"] or 0) * STEP_COST.get(r["variant"], 1.0)
+        cells = [r["variant"], r["what"], r["model"], r["steps"], f"{budget:.0f}",
+                 _f(r["final_best_val_bits_per_byte"], 4), _f(r["final_best_val_loss"], 3), _f(r["train_loss"], 3)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
